@@ -1,0 +1,257 @@
+"""Training-mode autograd for whole blocks, written once over the primitives.
+
+Two chain shapes cover every block fusedres builds:
+
+* post-activation (He et al. 2015; ConvBNAct, BasicBlock, Bottleneck):
+  ``h_i = relu(bn_i(conv_i(h_{i-1})))``, last unit
+  ``out = act(bn_L(conv_L(h_{L-1})) * s[n] + shortcut)``, shortcut one of
+  none, identity, a precomputed tensor, or a projection ``bn_ds(conv_ds(x))``.
+* pre-activation (He et al. 2016): ``a_i = relu(bn_i(h_i))``, ``h_{i+1} = conv_i(a_i)``,
+  ``out = h_L * s[n] + shortcut`` with the projection ``conv_ds(a_0)``.
+
+Forward: each conv applies the previous BatchNorm+ReLU in its prologue and
+emits per-channel partial statistics; a finalize turns them into scale/shift;
+the last BatchNorm, the shortcut (dual BN for projections), the stochastic
+depth scale and the ReLU meet in one ``bn_add_act``.
+
+Saved for backward: the block input, the raw conv outputs, per-channel
+statistics, and the block output (the next block saves it as its input anyway,
+so it costs nothing). Normalised and activated tensors are never saved; the
+backward recomputes them inside ``conv_wgrad`` and the BN backward primitives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    def args(self):
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """Static description of a block: everything that is not a tensor."""
+
+    preact: bool
+    convs: Tuple[ConvGeom, ...]  # main branch, in order
+    eps: Tuple[float, ...]  # one per main-branch BatchNorm
+    factors: Tuple[float, ...]  # running-stat update factor per BatchNorm (0 when not tracked)
+    shortcut: str  # "none" | "identity" | "tensor" | "project"
+    ds_conv: Optional[ConvGeom]
+    ds_eps: float
+    ds_factor: float
+    relu_out: bool
+    backend: str
+
+
+# Parameter layout passed to the Functions after (spec, x, residual, sample_scale):
+#   per main unit i:  w_i, gamma_i, beta_i, running_mean_i, running_var_i
+#   projection:       w_ds, gamma_ds, beta_ds, running_mean_ds, running_var_ds
+#                     (pre-activation projections have no BatchNorm: w_ds, None x4)
+UNIT = 5
+
+
+def _bn_back(dout, y, stats, out, relu, sample, backend):
+    """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU)."""
+    mean, invstd, scale, shift = stats
+    sg, sgx = ops.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample, backend)
+    dy = ops.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, sg, sgx, backend)
+    return dy, sgx, sg
+
+
+def _cast(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+class PostActBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, x, residual, sample_scale, *params):
+        b = spec.backend
+        n_units = len(spec.convs)
+        h, s, t, pre_relu = x, None, None, False
+        ys, stats = [], []
+        for i, geom in enumerate(spec.convs):
+            w, gamma, beta, rm, rv = params[UNIT * i : UNIT * (i + 1)]
+            y, part = ops.conv_stats(h, w, s, t, pre_relu, *geom.args(), b)
+            st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i], spec.eps[i], b)
+            ys.append(y)
+            stats.append(st)
+            h, s, t, pre_relu = y, st[2], st[3], True
+        res = rs = rt = y_ds = None
+        ds_stats = (None,) * 4
+        if spec.shortcut == "identity":
+            res = x
+        elif spec.shortcut == "tensor":
+            res = residual
+        elif spec.shortcut == "project":
+            w, gamma, beta, rm, rv = params[UNIT * n_units : UNIT * (n_units + 1)]
+            y_ds, part = ops.conv_stats(x, w, None, None, False, *spec.ds_conv.args(), b)
+            ds_stats = ops.bn_finalize(part, gamma, beta, rm, rv, spec.ds_factor, spec.ds_eps, b)
+            res, rs, rt = y_ds, ds_stats[2], ds_stats[3]
+        out = ops.bn_add_act(ys[-1], stats[-1][2], stats[-1][3], res, rs, rt, sample_scale, spec.relu_out, b)
+
+        ctx.spec = spec
+        ctx.x_shape = list(x.shape)
+        flat_stats = [v for st in stats for v in st]
+        ctx.save_for_backward(
+            x, out if spec.relu_out else None, sample_scale, y_ds, *ds_stats, *ys, *flat_stats, *params
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        spec: ChainSpec = ctx.spec
+        b = spec.backend
+        saved = ctx.saved_tensors
+        x, out, sample, y_ds = saved[:4]
+        ds_stats = saved[4:8]
+        n = len(spec.convs)
+        ys = saved[8 : 8 + n]
+        flat = saved[8 + n : 8 + 5 * n]
+        stats = [flat[4 * i : 4 * i + 4] for i in range(n)]
+        params = saved[8 + 5 * n :]
+        need = ctx.needs_input_grad  # (spec, x, residual, sample_scale, *params)
+        grads = [None] * len(params)
+        relu = spec.relu_out
+
+        # Last BatchNorm, the add and the ReLU.
+        dy, sgx, sg = _bn_back(dout, ys[-1], stats[-1], out, relu, sample, b)
+        grads[UNIT * (n - 1) + 1] = _cast(sgx, params[UNIT * (n - 1) + 1])
+        grads[UNIT * (n - 1) + 2] = _cast(sg, params[UNIT * (n - 1) + 2])
+
+        # Shortcut branch.
+        g_res = dx_short = None
+        if spec.shortcut in ("identity", "tensor"):
+            g_res = ops.act_grad(dout, out, b) if relu else dout
+        elif spec.shortcut == "project":
+            k = UNIT * n
+            w_ds, gamma_ds, beta_ds = params[k : k + 3]
+            dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b)
+            grads[k + 1], grads[k + 2] = _cast(sgx_ds, gamma_ds), _cast(sg_ds, beta_ds)
+            if need[4 + k]:
+                grads[k] = ops.conv_wgrad(dy_ds, x, None, None, False, list(w_ds.shape), *spec.ds_conv.args(), b)
+            if need[1]:
+                dx_short = ops.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
+
+        # Main branch, last conv to first.
+        dx = None
+        for i in reversed(range(n)):
+            w = params[UNIT * i]
+            geom = spec.convs[i]
+            if i == 0:
+                h_in, s_in, t_in, relu_in = x, None, None, False
+            else:
+                h_in, s_in, t_in, relu_in = ys[i - 1], stats[i - 1][2], stats[i - 1][3], True
+            if need[4 + UNIT * i]:
+                grads[UNIT * i] = ops.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
+            if i > 0:
+                dh = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
+                dy, sgx, sg = _bn_back(dh, ys[i - 1], stats[i - 1], None, True, None, b)
+                grads[UNIT * (i - 1) + 1] = _cast(sgx, params[UNIT * (i - 1) + 1])
+                grads[UNIT * (i - 1) + 2] = _cast(sg, params[UNIT * (i - 1) + 2])
+            elif need[1]:
+                dx = ops.conv_dgrad(dy, w, ctx.x_shape, *geom.args(), b)
+
+        if dx is not None:
+            if spec.shortcut == "identity":
+                dx = dx + g_res
+            elif dx_short is not None:
+                dx = dx + dx_short
+        d_res = g_res if spec.shortcut == "tensor" and need[2] else None
+        return (None, dx, d_res, None, *grads)
+
+
+class PreActBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, x, residual, sample_scale, *params):
+        b = spec.backend
+        n_units = len(spec.convs)
+        # unit i: bn_i precedes conv_i; bn_0 normalises the block input itself.
+        w0, g0, b0, rm0, rv0 = params[:UNIT]
+        st = ops.bn_finalize(ops.batch_stats(x, b), g0, b0, rm0, rv0, spec.factors[0], spec.eps[0], b)
+        stats = [st]
+        ys = []
+        h = x
+        for i in range(n_units - 1):
+            w = params[UNIT * i]
+            y, part = ops.conv_stats(h, w, st[2], st[3], True, *spec.convs[i].args(), b)
+            _, gamma, beta, rm, rv = params[UNIT * (i + 1) : UNIT * (i + 2)]
+            st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i + 1], spec.eps[i + 1], b)
+            ys.append(y)
+            stats.append(st)
+            h = y
+        res = None
+        if spec.shortcut == "identity":
+            res = x
+        elif spec.shortcut == "tensor":
+            res = residual
+        elif spec.shortcut == "project":
+            w_ds = params[UNIT * n_units]
+            s0, t0 = stats[0][2], stats[0][3]
+            res = ops.conv_bias_act(x, w_ds, None, None, s0, t0, True, *spec.ds_conv.args(), False, b)
+        w_last = params[UNIT * (n_units - 1)]
+        geom = spec.convs[-1]
+        if sample_scale is None:
+            out = ops.conv_bias_act(h, w_last, None, res, st[2], st[3], True, *geom.args(), spec.relu_out, b)
+        else:
+            y_last = ops.conv_bias_act(h, w_last, None, None, st[2], st[3], True, *geom.args(), False, b)
+            one = torch.ones_like(st[2])
+            out = ops.bn_add_act(y_last, one, torch.zeros_like(one), res, None, None, sample_scale, spec.relu_out, b)
+        ctx.spec = spec
+        ctx.x_shape = list(x.shape)
+        flat_stats = [v for s_ in stats for v in s_]
+        ctx.save_for_backward(x, out if spec.relu_out else None, sample_scale, *ys, *flat_stats, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        spec: ChainSpec = ctx.spec
+        b = spec.backend
+        saved = ctx.saved_tensors
+        x, out, sample = saved[:3]
+        n = len(spec.convs)
+        ys = saved[3 : 3 + n - 1]
+        flat = saved[3 + n - 1 : 3 + n - 1 + 4 * n]
+        stats = [flat[4 * i : 4 * i + 4] for i in range(n)]
+        params = saved[3 + n - 1 + 4 * n :]
+        need = ctx.needs_input_grad
+        grads = [None] * len(params)
+
+        g = ops.act_grad(dout, out, b) if spec.relu_out else dout
+        g_main = g if sample is None else g * sample.view(-1, 1, 1, 1).to(g.dtype)
+        dy = g_main
+        dx = None
+        for j in reversed(range(n)):
+            w = params[UNIT * j]
+            h_in = x if j == 0 else ys[j - 1]
+            s_j, t_j = stats[j][2], stats[j][3]
+            geom = spec.convs[j]
+            if need[4 + UNIT * j]:
+                grads[UNIT * j] = ops.conv_wgrad(dy, h_in, s_j, t_j, True, list(w.shape), *geom.args(), b)
+            da = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
+            if j == 0 and spec.shortcut == "project":
+                k = UNIT * n
+                w_ds = params[k]
+                if need[4 + k]:
+                    grads[k] = ops.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
+                da = da + ops.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
+            dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b)
+            grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
+            grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])
+        if need[1]:
+            dx = dy + g if spec.shortcut == "identity" else dy
+        d_res = g if spec.shortcut == "tensor" and need[2] else None
+        return (None, dx, d_res, None, *grads)

@@ -1,0 +1,245 @@
+"""Backend registry: which implementations of the primitives exist here, and why not.
+
+A backend is a table of primitive implementations (see ``fusedres.reference`` for
+the vocabulary). Backends derive from the reference table and override the
+primitives they implement natively, so a backend under construction is always
+complete and correct; ``native`` says which primitives are its own. Nothing here
+touches a GPU at import: availability is probed lazily and cached.
+
+``backend="auto"`` resolves per input device: cuda -> triton -> reference for CUDA
+tensors, cpu -> reference for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import reference
+
+PRIMITIVES = (
+    "conv_bias_act",
+    "conv_stats",
+    "batch_stats",
+    "bn_finalize",
+    "bn_add_act",
+    "bn_backward_reduce",
+    "bn_backward_apply",
+    "act_grad",
+    "conv_dgrad",
+    "conv_wgrad",
+)
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for that cannot run here (or not on this device)."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why it is unavailable, or a short description when available
+    native: Tuple[str, ...]  # primitives implemented by the backend itself
+
+
+class ReferenceBackend:
+    """Pure PyTorch; runs on any device PyTorch runs on."""
+
+    name = "reference"
+    native: Tuple[str, ...] = PRIMITIVES
+
+    conv_bias_act = staticmethod(reference.conv_bias_act)
+    conv_stats = staticmethod(reference.conv_stats)
+    batch_stats = staticmethod(reference.batch_stats)
+    bn_finalize = staticmethod(reference.bn_finalize)
+    bn_add_act = staticmethod(reference.bn_add_act)
+    bn_backward_reduce = staticmethod(reference.bn_backward_reduce)
+    bn_backward_apply = staticmethod(reference.bn_backward_apply)
+    act_grad = staticmethod(reference.act_grad)
+    conv_dgrad = staticmethod(reference.conv_dgrad)
+    conv_wgrad = staticmethod(reference.conv_wgrad)
+    stats_tiles = staticmethod(reference.stats_tiles)
+
+    @classmethod
+    def availability(cls) -> Tuple[bool, str]:
+        return True, "pure PyTorch"
+
+    @classmethod
+    def device_error(cls, device: torch.device) -> Optional[str]:
+        return None
+
+
+class _ExtensionBackend(ReferenceBackend):
+    """Shared plumbing of the backends implemented by the ``fusedres._C`` extension."""
+
+    device_type = ""
+    native = ("bn_add_act", "bn_finalize")
+    _DTYPES = (torch.float32, torch.float64)
+
+    @classmethod
+    def _ops(cls):
+        return torch.ops.fusedres_ext
+
+    @classmethod
+    def device_error(cls, device: torch.device) -> Optional[str]:
+        if device.type != cls.device_type:
+            return f"backend '{cls.name}' runs on {cls.device_type} tensors, got a tensor on {device}"
+        return None
+
+    @classmethod
+    def bn_add_act(cls, y, scale, shift, residual, res_scale, res_shift, sample_scale, relu):
+        if y.dtype not in cls._DTYPES:
+            return reference.bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
+        return cls._ops().bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
+
+    @classmethod
+    def bn_finalize(cls, partials, gamma, beta, running_mean, running_var, momentum, eps):
+        if partials.dtype != torch.float32:
+            return reference.bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
+        return cls._ops().bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
+
+
+class CpuBackend(_ExtensionBackend):
+    """C++ CPU kernels from ``fusedres._C``; convolutions through ATen (oneDNN)."""
+
+    name = "cpu"
+    device_type = "cpu"
+
+    @classmethod
+    def availability(cls) -> Tuple[bool, str]:
+        from . import _ext
+
+        st = _ext.status()
+        if not st["loaded"]:
+            return False, f"C++ extension not available ({st['reason']})"
+        return True, "C++ extension"
+
+
+class CudaBackend(_ExtensionBackend):
+    """CUDA C++ kernels from ``fusedres._C``; convolutions through ATen (cuDNN)."""
+
+    name = "cuda"
+    device_type = "cuda"
+    _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+    @classmethod
+    def availability(cls) -> Tuple[bool, str]:
+        from . import _ext
+
+        st = _ext.status()
+        if not st["loaded"]:
+            return False, f"C++ extension not available ({st['reason']})"
+        if not st["cuda"]:
+            return False, "extension built without CUDA"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible to PyTorch"
+        return True, "CUDA extension on " + torch.cuda.get_device_name()
+
+
+class _MissingTriton:
+    """Stands in for ``fusedres.triton_kernels`` when it is not installed (source tree)."""
+
+    native = ()
+
+    @staticmethod
+    def availability():
+        return False, "fusedres.triton_kernels is not installed (install fusedres with pip)"
+
+    @staticmethod
+    def backend_class():
+        raise BackendUnavailableError(_MissingTriton.availability()[1])
+
+    @staticmethod
+    def device_error(device):
+        return None
+
+
+def _triton_backend():
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return _MissingTriton
+    return triton_kernels
+
+
+_REGISTRY: Dict[str, type] = {"reference": ReferenceBackend, "cpu": CpuBackend, "cuda": CudaBackend}
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str) -> BackendStatus:
+    if name == "triton":
+        tk = _triton_backend()
+        ok, why = tk.availability()
+        table = tk.backend_class() if ok else None
+        return BackendStatus(ok, why, tuple(table.native) if table else ())
+    cls = _REGISTRY[name]
+    ok, why = cls.availability()
+    return BackendStatus(ok, why, tuple(cls.native) if ok else ())
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Every backend with whether it can run here and, if not, why.
+
+    >>> fusedres.available_backends()["cuda"]
+    BackendStatus(available=False, reason='extension built without CUDA', native=())
+    """
+    return {name: _status(name) for name in BACKEND_NAMES}
+
+
+def refresh() -> None:
+    """Forget cached availability (e.g. after changing TRITON_INTERPRET)."""
+    _status.cache_clear()
+
+
+def get(name: str):
+    """The primitive table of a concrete backend name (no availability check)."""
+    if name == "triton":
+        return _triton_backend().backend_class()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKEND_NAMES}") from None
+
+
+def _device_error(name: str, device: torch.device) -> Optional[str]:
+    if name == "triton":
+        return _triton_backend().device_error(device)
+    return _REGISTRY[name].device_error(device)
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` ("auto" or a name) into a concrete backend usable on ``device``.
+
+    Raises ``BackendUnavailableError`` naming the reason when an explicitly requested
+    backend cannot run here, and ``ValueError`` for an unknown name.
+    """
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _status(name).available and _device_error(name, device) is None:
+                return name
+        return "reference"
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    st = _status(backend)
+    if not st.available:
+        raise BackendUnavailableError(f"backend '{backend}' is not available: {st.reason}")
+    err = _device_error(backend, device)
+    if err is not None:
+        raise BackendUnavailableError(err)
+    return backend
+
+
+def check_name(backend: str) -> str:
+    """Validate a backend name at construction time (availability is checked at call time)."""
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

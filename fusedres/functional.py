@@ -1,0 +1,486 @@
+"""Block-level functional API: train vs eval, validation, BN folding, backend dispatch.
+
+The functions take the block's own ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules (the
+parameters and buffers live there, exactly as in torchvision) and run them as one
+fused computation:
+
+* training (BatchNorm on batch statistics): the autograd Functions of
+  ``fusedres.autograd``, updating running statistics and ``num_batches_tracked``
+  exactly like ``nn.BatchNorm2d`` (momentum, or cumulative average when momentum is None);
+* inference (running statistics): BatchNorm folded into the conv weights and bias
+  (in fp32, then cast), cached per weight version and recomputed whenever a
+  parameter or buffer changes (in-place edits, ``load_state_dict``, ``.to()``).
+
+Configurations the fused path does not cover (a non-BatchNorm norm layer, a conv
+with bias or non-zero padding mode, BatchNorms of one block in different modes, an
+empty batch) run the same math through the modules themselves, so a block is
+always correct; ``fusable()`` says which path a block takes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends, ops
+from .autograd import UNIT, ChainSpec, ConvGeom, PostActBlock, PreActBlock
+from .reference import stat_dtype
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["conv_bn_act", "residual_block", "fusable", "fold_bn"]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_fusable(conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not nn.Conv2d"
+    if conv.bias is not None:
+        return "conv has a bias"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    return None
+
+
+def _bn_fusable(bn: nn.Module) -> Optional[str]:
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    return None
+
+
+def fusable(convs: Sequence[nn.Module], bns: Sequence[nn.Module], ds_bn: Optional[nn.Module] = None) -> Optional[str]:
+    """None when the fused path applies to these modules, else the reason it does not.
+
+    ``ds_bn`` is the projection shortcut's BatchNorm, which must be in the same mode."""
+    for m in convs:
+        why = _conv_fusable(m)
+        if why:
+            return why
+    for m in bns:
+        why = _bn_fusable(m)
+        if why:
+            return why
+    modes = {_batch_stats(bn) for bn in bns}
+    if ds_bn is not None:
+        modes.add(_batch_stats(ds_bn))
+    if len(modes) > 1:
+        return "BatchNorms of the block are in different modes (train/eval)"
+    return None
+
+
+def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _geom(conv: nn.Conv2d) -> ConvGeom:
+    return ConvGeom(_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), conv.groups)
+
+
+def _out_hw(h: int, w: int, g: ConvGeom, k: Tuple[int, int]) -> Tuple[int, int]:
+    return tuple(
+        (size + 2 * g.padding[d] - g.dilation[d] * (k[d] - 1) - 1) // g.stride[d] + 1 for d, size in enumerate((h, w))
+    )
+
+
+def _check_input(x: Tensor, c_in: Optional[int], name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: input dtype must be one of float16, bfloat16, float32, float64; got {x.dtype}")
+    if c_in is not None and x.shape[1] != c_in:
+        raise ValueError(f"{name}: expected an input with {c_in} channels, got {x.shape[1]} (input shape {list(x.shape)})")
+
+
+def _check_params(x: Tensor, mods: Sequence[nn.Module], name: str, conv_dtype: torch.dtype) -> None:
+    for m in mods:
+        for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if t is None or pname == "num_batches_tracked":
+                continue
+            if t.device != x.device:
+                raise RuntimeError(
+                    f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}"
+                )
+            if isinstance(m, nn.Conv2d) and t.dtype != conv_dtype:
+                raise TypeError(
+                    f"{name}: input dtype {conv_dtype} does not match conv weight dtype {t.dtype}; "
+                    "convert the module with .to(dtype) or run under torch.autocast"
+                )
+
+
+def _check_batch(x: Tensor, convs: Sequence[nn.Conv2d], preact: bool) -> None:
+    n, _, h, w = x.shape
+    sizes = []
+    if preact:
+        sizes.append((h, w))
+    for conv in convs:
+        h, w = _out_hw(h, w, _geom(conv), _pair(conv.kernel_size))
+        sizes.append((h, w))
+    for i, (hh, ww) in enumerate(sizes):
+        if n * hh * ww <= 1:
+            c = convs[i].out_channels if not preact else (x.shape[1] if i == 0 else convs[i - 1].out_channels)
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {torch.Size([n, c, hh, ww])}"
+            )
+
+
+# --------------------------------------------------------------------------- BatchNorm helpers
+
+
+def _running_update_factor(bn: nn.BatchNorm2d) -> float:
+    """Bump num_batches_tracked and return the running-stat factor, exactly as nn.BatchNorm2d."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def _affine(bn: nn.BatchNorm2d, like: Tensor) -> Tuple[Tensor, Tensor]:
+    sd = stat_dtype(like.dtype)
+    gamma = bn.weight if bn.weight is not None else torch.ones(bn.num_features, device=like.device, dtype=sd)
+    beta = bn.bias if bn.bias is not None else torch.zeros(bn.num_features, device=like.device, dtype=sd)
+    return gamma, beta
+
+
+def _bn_train_params(bn: nn.BatchNorm2d, like: Tensor) -> List[Optional[Tensor]]:
+    gamma, beta = _affine(bn, like)
+    tracked = bn.training and bn.track_running_stats and bn.running_mean is not None
+    return [gamma, beta, bn.running_mean if tracked else None, bn.running_var if tracked else None]
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Inference-mode BatchNorm as per-channel (scale, shift) in the statistics dtype."""
+    sd = stat_dtype(dtype)
+    gamma, beta = _affine(bn, bn.running_mean)
+    scale = gamma.to(sd) * torch.rsqrt(bn.running_var.to(sd) + bn.eps)
+    return scale, beta.to(sd) - bn.running_mean.to(sd) * scale
+
+
+def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """(w', b') with conv(x, w') + b' == bn(conv(x, w)) in inference mode.
+
+    Folded in fp32 (fp64 for fp64), weight cast to ``dtype``, bias kept in fp32.
+    """
+    if bn is None:
+        return conv.weight.to(dtype), None
+    scale, shift = bn_scale_shift(bn, dtype)
+    w = (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
+    return w, shift
+
+
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fold_key(conv, bn, dtype):
+    ts = [conv.weight]
+    if bn is not None:
+        ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((t, t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None for t in ts), (
+        dtype,
+        None if bn is None else bn.eps,
+    )
+
+
+def _same_key(a, b) -> bool:
+    (ta, ra), (tb, rb) = a, b
+    if ra != rb or len(ta) != len(tb):
+        return False
+    for ea, eb in zip(ta, tb):
+        if (ea is None) != (eb is None):
+            return False
+        if ea is not None and (ea[0] is not eb[0] or ea[1:] != eb[1:]):
+            return False
+    return True
+
+
+def _needs_param_grad(*mods) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for m in mods if m is not None for p in m.parameters(recurse=False))
+
+
+def folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """fold_bn, cached per (conv, bn) and tensor version; differentiable when grads are needed."""
+    if _needs_param_grad(conv, bn) or torch.compiler.is_compiling():
+        return fold_bn(conv, bn, dtype)
+    key = _fold_key(conv, bn, dtype)
+    hit = _FOLD_CACHE.get(conv)
+    if hit is not None and _same_key(hit[0], key):
+        return hit[1]
+    with torch.no_grad():
+        val = fold_bn(conv, bn, dtype)
+    _FOLD_CACHE[conv] = (key, val)
+    return val
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+Shortcut = Union[str, Tensor, nn.Module, None]
+
+
+def _split_downsample(downsample, preact: bool):
+    """Classify a torchvision-style downsample: ('project', conv, bn|None) or ('module', m)."""
+    if downsample is None:
+        return None
+    mods = list(downsample) if isinstance(downsample, nn.Sequential) else [downsample]
+    if preact:
+        if len(mods) == 1 and _conv_fusable(mods[0]) is None:
+            return ("project", mods[0], None)
+    elif len(mods) == 2 and _conv_fusable(mods[0]) is None and _bn_fusable(mods[1]) is None:
+        return ("project", mods[0], mods[1])
+    return ("module", downsample)
+
+
+def residual_block(
+    x: Tensor,
+    convs: Sequence[nn.Conv2d],
+    bns: Sequence[nn.BatchNorm2d],
+    *,
+    preact: bool = False,
+    shortcut: str = "identity",
+    downsample: Optional[nn.Module] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    sample_scale: Optional[Tensor] = None,
+    backend: str = "auto",
+    name: str = "fusedres block",
+) -> Tensor:
+    """One fused residual block.
+
+    post-activation (``preact=False``), equivalent to::
+
+        h = x
+        for conv, bn in zip(convs[:-1], bns[:-1]): h = relu(bn(conv(h)))
+        out = act(bns[-1](convs[-1](h)) * sample_scale[n] + r)
+
+    pre-activation (``preact=True``; ``bns[i]`` precedes ``convs[i]``)::
+
+        a = relu(bns[0](x)); h = convs[0](a)
+        for bn, conv in zip(bns[1:], convs[1:]): h = conv(relu(bn(h)))
+        out = act(h * sample_scale[n] + r)
+
+    r: ``shortcut="identity"`` -> x (or ``downsample(.)`` if given); ``"none"`` -> 0;
+    ``residual`` tensor -> that tensor. A ``downsample`` of ``Sequential(Conv2d,
+    BatchNorm2d)`` (post-act) or ``Conv2d`` (pre-act, fed the pre-activated input)
+    is fused as a projection; any other module is applied to x as is.
+    x: (N, C, H, W); returns (N, K, P, Q) in x's dtype and memory format.
+    """
+    if len(convs) != len(bns) or not convs:
+        raise ValueError(f"{name}: need as many BatchNorms as convs (got {len(convs)} and {len(bns)})")
+    if shortcut not in ("identity", "none"):
+        raise ValueError(f"{name}: shortcut must be 'identity' or 'none', got {shortcut!r}")
+    backends.check_name(backend)
+    first = bns[0] if preact else convs[0]
+    _check_input(x, getattr(first, "num_features" if preact else "in_channels", None), name)
+    ds = _split_downsample(downsample, preact) if shortcut == "identity" else None
+    if residual is not None:
+        if ds is not None:
+            raise ValueError(f"{name}: pass either downsample or residual, not both")
+        if residual.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: residual batch {residual.shape[0]} != input batch {x.shape[0]}")
+
+    ds_mods = ds[1:] if ds is not None and ds[0] == "project" else ()
+    why = fusable(convs, bns, ds_mods[1] if ds_mods else None)
+    if why is None and x.shape[0] == 0:
+        why = "empty batch"
+    if why is not None:
+        return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
+
+    conv_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        conv_dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(conv_dtype)
+        if residual is not None:
+            residual = residual.to(conv_dtype)
+    all_mods = list(convs) + list(bns) + [m for m in ds_mods if m is not None]
+    if not torch.is_autocast_enabled(x.device.type):
+        _check_params(x, all_mods, name, conv_dtype)
+    else:
+        _check_params(x, [m for m in all_mods if not isinstance(m, nn.Conv2d)], name, conv_dtype)
+    be = backends.resolve(backend, x.device)
+
+    if ds is not None and ds[0] == "module":
+        if preact:
+            residual = ds[1](x)
+        else:
+            residual = ds[1](x)
+    kind = "none" if shortcut == "none" else ("project" if ds_mods else ("tensor" if residual is not None else "identity"))
+    if kind == "identity" and (x.shape[1] != convs[-1].out_channels or _spatial_changes(x, convs)):
+        raise ValueError(
+            f"{name}: identity shortcut needs the output shape to equal the input's "
+            f"(input {list(x.shape)}, {convs[-1].out_channels} output channels); pass a downsample"
+        )
+
+    if _batch_stats(bns[0]):
+        _check_batch(x, convs, preact)
+        return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
+    return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
+
+
+def _spatial_changes(x: Tensor, convs) -> bool:
+    h, w = x.shape[2], x.shape[3]
+    for conv in convs:
+        h, w = _out_hw(h, w, _geom(conv), _pair(conv.kernel_size))
+    return (h, w) != (x.shape[2], x.shape[3])
+
+
+def _wcast(conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
+    return conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
+
+
+def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype):
+    factors = tuple(_running_update_factor(bn) for bn in bns)
+    params: List[Optional[Tensor]] = []
+    for conv, bn in zip(convs, bns):
+        params += [_wcast(conv, conv_dtype)] + _bn_train_params(bn, x)
+    ds_geom, ds_eps, ds_factor = None, 0.0, 0.0
+    if kind == "project":
+        ds_conv, ds_bn = ds_mods
+        ds_geom = _geom(ds_conv)
+        if ds_bn is not None:
+            ds_eps, ds_factor = ds_bn.eps, _running_update_factor(ds_bn)
+            params += [_wcast(ds_conv, conv_dtype)] + _bn_train_params(ds_bn, x)
+        else:
+            params += [_wcast(ds_conv, conv_dtype), None, None, None, None]
+    spec = ChainSpec(
+        preact=preact,
+        convs=tuple(_geom(c) for c in convs),
+        eps=tuple(float(bn.eps) for bn in bns),
+        factors=factors,
+        shortcut=kind,
+        ds_conv=ds_geom,
+        ds_eps=float(ds_eps),
+        ds_factor=float(ds_factor),
+        relu_out=relu,
+        backend=be,
+    )
+    fn = PreActBlock if preact else PostActBlock
+    if sample_scale is not None:
+        sample_scale = sample_scale.to(stat_dtype(x.dtype))
+    return fn.apply(spec, x, residual, sample_scale, *params)
+
+
+def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, dt):
+    none3 = (None, None, False)
+    if kind == "identity":
+        res = x
+    elif kind == "tensor":
+        res = residual
+    else:
+        res = None
+    if not preact:
+        h = x
+        for conv, bn in zip(convs[:-1], bns[:-1]):
+            w, b = folded(conv, bn, dt)
+            h = ops.conv_bias_act(h, w, b, None, *none3, *_geom(conv).args(), True, be)
+        if kind == "project":
+            w, b = folded(ds_mods[0], ds_mods[1], dt)
+            res = ops.conv_bias_act(x, w, b, None, *none3, *_geom(ds_mods[0]).args(), False, be)
+        w, b = folded(convs[-1], bns[-1], dt)
+        geom = _geom(convs[-1])
+        if sample_scale is None:
+            return ops.conv_bias_act(h, w, b, res, *none3, *geom.args(), relu, be)
+        y = ops.conv_bias_act(h, w, b, None, *none3, *geom.args(), False, be)
+        return _scale_add(y, res, sample_scale, relu, be)
+    # pre-activation: bns[0] stays a prologue (a ReLU sits between it and conv 0);
+    # bns[i+1] folds into convs[i].
+    s0, t0 = bn_scale_shift(bns[0], dt)
+    pro = (s0, t0, True)
+    h = x
+    for i in range(len(convs) - 1):
+        w, b = folded(convs[i], bns[i + 1], dt)
+        h = ops.conv_bias_act(h, w, b, None, *pro, *_geom(convs[i]).args(), True, be)
+        pro = none3
+    if kind == "project":
+        res = ops.conv_bias_act(x, _wcast(ds_mods[0], dt), None, None, s0, t0, True, *_geom(ds_mods[0]).args(), False, be)
+    geom = _geom(convs[-1])
+    w = _wcast(convs[-1], dt)
+    if sample_scale is None:
+        return ops.conv_bias_act(h, w, None, res, *pro, *geom.args(), relu, be)
+    y = ops.conv_bias_act(h, w, None, None, *pro, *geom.args(), False, be)
+    return _scale_add(y, res, sample_scale, relu, be)
+
+
+def _scale_add(y, res, sample_scale, relu, be):
+    one = torch.ones(y.shape[1], device=y.device, dtype=stat_dtype(y.dtype))
+    s = sample_scale.to(one.dtype)
+    return ops.bn_add_act(y, one, torch.zeros_like(one), res, None, None, s, relu, be)
+
+
+def _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale):
+    """The block's math through its own modules (fallback; also defines the semantics)."""
+
+    def scaled(h):
+        return h if sample_scale is None else h * sample_scale.view(-1, 1, 1, 1).to(h.dtype)
+
+    if not preact:
+        h = x
+        for i, (conv, bn) in enumerate(zip(convs, bns)):
+            h = bn(conv(h))
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        out = scaled(h)
+        if shortcut != "none":
+            if residual is not None:
+                out = out + residual
+            elif ds is not None and ds[0] == "project":
+                out = out + ds[2](ds[1](x))
+            elif ds is not None:
+                out = out + ds[1](x)
+            else:
+                out = out + x
+    else:
+        a = F.relu(bns[0](x))
+        h = convs[0](a)
+        for conv, bn in zip(convs[1:], bns[1:]):
+            h = conv(F.relu(bn(h)))
+        out = scaled(h)
+        if shortcut != "none":
+            if residual is not None:
+                out = out + residual
+            elif ds is not None and ds[0] == "project":
+                out = out + ds[1](a)
+            elif ds is not None:
+                out = out + ds[1](x)
+            else:
+                out = out + x
+    return F.relu(out) if relu else out
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    *,
+    relu: bool = True,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+    name: str = "fusedres.conv_bn_act",
+) -> Tensor:
+    """Equivalent to ``act(bn(conv(x)) + residual)``; x: (N, C, H, W)."""
+    return residual_block(
+        x,
+        [conv],
+        [bn],
+        shortcut="none" if residual is None else "identity",
+        residual=residual,
+        relu=relu,
+        backend=backend,
+        name=name,
+    )
