@@ -7,10 +7,10 @@ is missing (it warns once; the reference and triton backends keep working).
 from . import _ext
 from ._version import __version__
 from . import ops  # registers the fusedres:: custom ops
-from . import functional
+from . import functional, testing
 from .backends import BackendStatus, BackendUnavailableError, available_backends
 from .blocks import BasicBlock, Bottleneck, ConvBNAct, PadShortcut, PreActBasicBlock
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, convert, set_backend
 from .models import (
     CifarResNet,
     ResNet,
@@ -41,6 +41,7 @@ __all__ = [
     "ConvBNAct",
     "PadShortcut",
     "convert",
+    "set_backend",
     "ConversionReport",
     "functional",
     "models",

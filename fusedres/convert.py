@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import backends
 from .blocks import BasicBlock, Bottleneck, ConvBNAct
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "ConversionReport", "set_backend"]
 
 _TV_MODULE = "torchvision.models.resnet"
 
@@ -159,3 +159,12 @@ def convert(
     report = ConversionReport()
     model = _convert(model, "", backend, fuse_runs, report)
     return (model, report) if return_report else model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Point every fused module of ``model`` at ``backend`` (in place); returns the model."""
+    backends.check_name(backend)
+    for m in model.modules():
+        if isinstance(getattr(m, "backend", None), str):
+            m.backend = backend
+    return model

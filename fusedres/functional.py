@@ -19,6 +19,8 @@ always correct; ``fusable()`` says which path a block takes.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -33,7 +35,22 @@ from .reference import stat_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["conv_bn_act", "residual_block", "fusable", "fold_bn"]
+__all__ = ["conv_bn_act", "residual_block", "fusable", "fold_bn", "unfused"]
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def unfused():
+    """Within this context every fusedres block runs through its own torch.nn modules
+    (conv, BatchNorm, ReLU, add as separate PyTorch ops): PyTorch's semantics, the
+    yardstick the fused paths are compared with."""
+    prev = getattr(_STATE, "unfused", False)
+    _STATE.unfused = True
+    try:
+        yield
+    finally:
+        _STATE.unfused = prev
 
 
 # --------------------------------------------------------------------------- checks
@@ -299,6 +316,8 @@ def residual_block(
     why = fusable(convs, bns, ds_mods[1] if ds_mods else None)
     if why is None and x.shape[0] == 0:
         why = "empty batch"
+    if why is None and getattr(_STATE, "unfused", False):
+        why = "fusedres.functional.unfused() is active"
     if why is not None:
         return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
 
