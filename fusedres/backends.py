@@ -212,6 +212,7 @@ def _device_error(name: str, device: torch.device) -> Optional[str]:
     return _REGISTRY[name].device_error(device)
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """Turn ``backend`` ("auto" or a name) into a concrete backend usable on ``device``.
 

@@ -123,20 +123,30 @@ def _check_input(x: Tensor, c_in: Optional[int], name: str) -> None:
         raise ValueError(f"{name}: expected an input with {c_in} channels, got {x.shape[1]} (input shape {list(x.shape)})")
 
 
-def _check_params(x: Tensor, mods: Sequence[nn.Module], name: str, conv_dtype: torch.dtype) -> None:
+def _check_devices(x: Tensor, mods: Sequence[nn.Module], name: str) -> None:
     for m in mods:
         for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if t is None or pname == "num_batches_tracked":
-                continue
-            if t.device != x.device:
-                raise RuntimeError(
-                    f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}"
-                )
-            if isinstance(m, nn.Conv2d) and t.dtype != conv_dtype:
-                raise TypeError(
-                    f"{name}: input dtype {conv_dtype} does not match conv weight dtype {t.dtype}; "
-                    "convert the module with .to(dtype) or run under torch.autocast"
-                )
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}")
+
+
+def _check_dtypes(convs, ds_mods, dtype: torch.dtype, name: str) -> None:
+    for m in list(convs) + [c for c in ds_mods[:1]]:
+        if m.weight.dtype != dtype:
+            raise TypeError(
+                f"{name}: input dtype {dtype} does not match conv weight dtype {m.weight.dtype}; "
+                "convert the module with .to(dtype) or run under torch.autocast"
+            )
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for x's device when autocast is on there, else None."""
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+    except RuntimeError:  # device types autocast does not know (e.g. meta)
+        pass
+    return None
 
 
 def _check_batch(x: Tensor, convs: Sequence[nn.Conv2d], preact: bool) -> None:
@@ -321,17 +331,17 @@ def residual_block(
     if why is not None:
         return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
 
-    conv_dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        conv_dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(conv_dtype)
-        if residual is not None:
-            residual = residual.to(conv_dtype)
     all_mods = list(convs) + list(bns) + [m for m in ds_mods if m is not None]
-    if not torch.is_autocast_enabled(x.device.type):
-        _check_params(x, all_mods, name, conv_dtype)
+    _check_devices(x, all_mods, name)
+    conv_dtype = x.dtype
+    ac = _autocast_dtype(x)
+    if ac is not None:
+        conv_dtype = ac
+        x = x.to(ac)
+        if residual is not None:
+            residual = residual.to(ac)
     else:
-        _check_params(x, [m for m in all_mods if not isinstance(m, nn.Conv2d)], name, conv_dtype)
+        _check_dtypes(convs, ds_mods, conv_dtype, name)
     be = backends.resolve(backend, x.device)
 
     if ds is not None and ds[0] == "module":
