@@ -1,0 +1,171 @@
+// Shared validation for the fusedres_ext op bindings (CPU and CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "kernels/bn_kernels.h"
+
+#define FUSEDRES_CHECK_ARG(cond, op, name, ...) TORCH_CHECK(cond, op, ": ", name, " ", __VA_ARGS__)
+
+namespace fusedres {
+
+// The layout rule every fusedres primitive follows: channels_last only when the tensor is
+// (strictly) channels_last, contiguous otherwise.
+inline at::MemoryFormat layout_of(const at::Tensor& t) {
+  return (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+inline at::ScalarType stat_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_vec(const char* op, const char* name, const at::Tensor& v, int64_t size, at::ScalarType dtype,
+                      const at::Tensor& like) {
+  FUSEDRES_CHECK_ARG(v.dim() == 1 && v.size(0) == size, op, name, "must be a 1-D tensor of ", size,
+                     " elements, got shape ", v.sizes());
+  FUSEDRES_CHECK_ARG(v.scalar_type() == dtype, op, name, "must be ", dtype, ", got ", v.scalar_type());
+  FUSEDRES_CHECK_ARG(v.device() == like.device(), op, name, "must be on ", like.device(), ", got ", v.device());
+}
+
+struct BnAddActPrepared {
+  at::Tensor y, residual, out, scale, shift, res_scale, res_shift, sample_scale;
+  Layout layout;
+  int64_t n, c, hw;
+};
+
+inline BnAddActPrepared prepare_bn_add_act(const char* op, const at::Tensor& y, const at::Tensor& scale,
+                                           const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                                           const std::optional<at::Tensor>& res_scale,
+                                           const std::optional<at::Tensor>& res_shift,
+                                           const std::optional<at::Tensor>& sample_scale) {
+  FUSEDRES_CHECK_ARG(y.dim() == 4, op, "y", "must be 4-D (N, C, H, W), got shape ", y.sizes());
+  const auto st = stat_type(y.scalar_type());
+  BnAddActPrepared p;
+  p.n = y.size(0);
+  p.c = y.size(1);
+  p.hw = y.size(2) * y.size(3);
+  const auto fmt = layout_of(y);
+  p.layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
+  p.y = y.contiguous(fmt);
+  check_vec(op, "scale", scale, p.c, st, y);
+  check_vec(op, "shift", shift, p.c, st, y);
+  p.scale = scale.contiguous();
+  p.shift = shift.contiguous();
+  FUSEDRES_CHECK_ARG(res_scale.has_value() == res_shift.has_value(), op, "res_scale/res_shift",
+                     "must be given together");
+  if (res_scale.has_value()) {
+    FUSEDRES_CHECK_ARG(residual.has_value(), op, "res_scale", "needs a residual");
+    check_vec(op, "res_scale", *res_scale, p.c, st, y);
+    check_vec(op, "res_shift", *res_shift, p.c, st, y);
+    p.res_scale = res_scale->contiguous();
+    p.res_shift = res_shift->contiguous();
+  }
+  if (residual.has_value()) {
+    const auto& r = *residual;
+    FUSEDRES_CHECK_ARG(r.sizes() == y.sizes(), op, "residual", "must have the same shape as y (", y.sizes(),
+                       "), got ", r.sizes());
+    FUSEDRES_CHECK_ARG(r.scalar_type() == y.scalar_type(), op, "residual", "must have y's dtype (",
+                       y.scalar_type(), "), got ", r.scalar_type());
+    FUSEDRES_CHECK_ARG(r.device() == y.device(), op, "residual", "must be on ", y.device(), ", got ", r.device());
+    p.residual = r.contiguous(fmt);
+  }
+  if (sample_scale.has_value()) {
+    check_vec(op, "sample_scale", *sample_scale, p.n, st, y);
+    p.sample_scale = sample_scale->contiguous();
+  }
+  p.out = at::empty(y.sizes(), y.options().memory_format(fmt));
+  return p;
+}
+
+template <typename S>
+BnAddActParams<S> params_of(const BnAddActPrepared& p, bool relu) {
+  BnAddActParams<S> k;
+  k.n = p.n;
+  k.c = p.c;
+  k.hw = p.hw;
+  k.layout = p.layout;
+  k.scale = p.scale.data_ptr<S>();
+  k.shift = p.shift.data_ptr<S>();
+  k.res_scale = p.res_scale.defined() ? p.res_scale.data_ptr<S>() : nullptr;
+  k.res_shift = p.res_shift.defined() ? p.res_shift.data_ptr<S>() : nullptr;
+  k.sample_scale = p.sample_scale.defined() ? p.sample_scale.data_ptr<S>() : nullptr;
+  k.relu = relu;
+  return k;
+}
+
+struct BnFinalizePrepared {
+  at::Tensor partials, gamma, beta, rm, rv, mean, invstd, scale, shift;
+  int64_t tiles, c;
+};
+
+inline BnFinalizePrepared prepare_bn_finalize(const char* op, const at::Tensor& partials, const at::Tensor& gamma,
+                                              const at::Tensor& beta, const std::optional<at::Tensor>& running_mean,
+                                              const std::optional<at::Tensor>& running_var) {
+  FUSEDRES_CHECK_ARG(partials.dim() == 3 && partials.size(1) == 3, op, "partials",
+                     "must have shape [T, 3, C], got ", partials.sizes());
+  const auto st = partials.scalar_type();
+  FUSEDRES_CHECK_ARG(st == at::kFloat || st == at::kDouble, op, "partials", "must be float32 or float64, got ", st);
+  BnFinalizePrepared p;
+  p.tiles = partials.size(0);
+  p.c = partials.size(2);
+  FUSEDRES_CHECK_ARG(p.tiles > 0, op, "partials", "must hold at least one tile");
+  p.partials = partials.contiguous();
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"gamma", &gamma}, {"beta", &beta}}) {
+    FUSEDRES_CHECK_ARG(t->dim() == 1 && t->size(0) == p.c, op, name, "must be a 1-D tensor of ", p.c,
+                       " elements, got shape ", t->sizes());
+    FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device());
+  }
+  p.gamma = gamma.to(st).contiguous();
+  p.beta = beta.to(st).contiguous();
+  FUSEDRES_CHECK_ARG(running_mean.has_value() == running_var.has_value(), op, "running_mean/running_var",
+                     "must be given together");
+  if (running_mean.has_value()) {
+    for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"running_mean", &*running_mean},
+                           {"running_var", &*running_var}}) {
+      FUSEDRES_CHECK_ARG(t->dim() == 1 && t->size(0) == p.c, op, name, "must be a 1-D tensor of ", p.c,
+                         " elements, got shape ", t->sizes());
+      FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device());
+    }
+    // work on contiguous copies in the statistics dtype when needed; copied back after the kernel
+    p.rm = (running_mean->scalar_type() == st && running_mean->is_contiguous()) ? *running_mean
+                                                                                 : running_mean->to(st).contiguous();
+    p.rv = (running_var->scalar_type() == st && running_var->is_contiguous()) ? *running_var
+                                                                               : running_var->to(st).contiguous();
+  }
+  auto opts = partials.options();
+  p.mean = at::empty({p.c}, opts);
+  p.invstd = at::empty({p.c}, opts);
+  p.scale = at::empty({p.c}, opts);
+  p.shift = at::empty({p.c}, opts);
+  return p;
+}
+
+template <typename S>
+BnFinalizeParams<S> params_of(const BnFinalizePrepared& p, double momentum, double eps) {
+  BnFinalizeParams<S> k;
+  k.tiles = p.tiles;
+  k.c = p.c;
+  k.partials = p.partials.data_ptr<S>();
+  k.gamma = p.gamma.data_ptr<S>();
+  k.beta = p.beta.data_ptr<S>();
+  k.running_mean = p.rm.defined() ? p.rm.data_ptr<S>() : nullptr;
+  k.running_var = p.rv.defined() ? p.rv.data_ptr<S>() : nullptr;
+  k.momentum = momentum;
+  k.eps = eps;
+  k.mean = p.mean.data_ptr<S>();
+  k.invstd = p.invstd.data_ptr<S>();
+  k.scale = p.scale.data_ptr<S>();
+  k.shift = p.shift.data_ptr<S>();
+  return k;
+}
+
+inline void write_back_running(const BnFinalizePrepared& p, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var) {
+  if (!running_mean.has_value()) return;
+  if (!p.rm.is_same(*running_mean)) running_mean->copy_(p.rm);
+  if (!p.rv.is_same(*running_var)) running_var->copy_(p.rv);
+}
+
+}  // namespace fusedres

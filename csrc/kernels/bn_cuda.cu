@@ -1,0 +1,179 @@
+// CUDA kernels for bn_add_act and bn_finalize.
+//
+// bn_add_act is bandwidth bound: the NHWC path moves 16 bytes per load/store (8 bf16/fp16
+// or 4 fp32 values along C) when C is a multiple of the vector width and the pointers are
+// 16-byte aligned; everything else takes the scalar path. Indexing is int64 throughout, so
+// tensors with more than 2^31 elements are safe. bn_finalize merges tiles in a fixed order
+// per channel (one thread per channel), so it is deterministic without atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "bn_cuda.cuh"
+
+namespace fusedres {
+namespace {
+
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  __device__ static float to(float v) { return v; }
+  __device__ static float from(float v) { return v; }
+};
+template <>
+struct Cvt<double> {
+  __device__ static double to(double v) { return v; }
+  __device__ static double from(double v) { return v; }
+};
+template <>
+struct Cvt<__half> {
+  __device__ static float to(__half v) { return __half2float(v); }
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename S>
+__device__ __forceinline__ S relu_nan(S z) {
+  return (z > S(0) || z != z) ? z : S(0);
+}
+
+template <typename T, typename S>
+__device__ __forceinline__ T one(const T* y, const T* r, int64_t i, int64_t ch, int64_t n, const BnAddActParams<S>& p) {
+  S z = Cvt<T>::to(y[i]) * p.scale[ch] + p.shift[ch];
+  if (p.sample_scale != nullptr) z *= p.sample_scale[n];
+  if (r != nullptr) {
+    S rv = Cvt<T>::to(r[i]);
+    if (p.res_scale != nullptr) rv = rv * p.res_scale[ch] + p.res_shift[ch];
+    z += rv;
+  }
+  return Cvt<T>::from(p.relu ? relu_nan(z) : z);
+}
+
+template <typename T, typename S>
+__global__ void bn_add_act_scalar(const T* __restrict__ y, const T* __restrict__ r, T* __restrict__ out,
+                                  BnAddActParams<S> p, int64_t total) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    int64_t ch, n;
+    if (p.layout == Layout::NHWC) {
+      ch = i % p.c;
+      n = i / (p.hw * p.c);
+    } else {
+      ch = (i / p.hw) % p.c;
+      n = i / (p.hw * p.c);
+    }
+    out[i] = one<T, S>(y, r, i, ch, n, p);
+  }
+}
+
+// NHWC, C % V == 0, 16-byte aligned: each thread handles V consecutive channels of a pixel.
+template <typename T, typename S, int V>
+__global__ void bn_add_act_vec(const T* __restrict__ y, const T* __restrict__ r, T* __restrict__ out,
+                               BnAddActParams<S> p, int64_t total_vec) {
+  struct alignas(16) Pack {
+    T v[V];
+  };
+  const int64_t cv = p.c / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total_vec; i += stride) {
+    const int64_t ch0 = (i % cv) * V;
+    const int64_t n = i / (p.hw * cv);
+    const Pack yv = reinterpret_cast<const Pack*>(y)[i];
+    Pack rv;
+    if (r != nullptr) rv = reinterpret_cast<const Pack*>(r)[i];
+    const S k = p.sample_scale != nullptr ? p.sample_scale[n] : S(1);
+    Pack o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t ch = ch0 + j;
+      S z = (Cvt<T>::to(yv.v[j]) * p.scale[ch] + p.shift[ch]) * k;
+      if (r != nullptr) {
+        S q = Cvt<T>::to(rv.v[j]);
+        if (p.res_scale != nullptr) q = q * p.res_scale[ch] + p.res_shift[ch];
+        z += q;
+      }
+      o.v[j] = Cvt<T>::from(p.relu ? relu_nan(z) : z);
+    }
+    reinterpret_cast<Pack*>(out)[i] = o;
+  }
+}
+
+template <typename S>
+__global__ void bn_finalize_kernel(BnFinalizeParams<S> p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.c) return;
+  const int64_t C = p.c;
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  for (int64_t t = 0; t < p.tiles; ++t) {
+    const S* tile = p.partials + t * 3 * C;
+    const double nb = tile[c], mb = tile[C + c], m2b = tile[2 * C + c];
+    if (nb <= 0.0) continue;
+    const double tot = n + nb;
+    const double delta = mb - mean;
+    mean += delta * nb / tot;
+    m2 += m2b + delta * delta * n * nb / tot;
+    n = tot;
+  }
+  const double inv = rsqrt(m2 / n + p.eps);
+  const S mean_s = static_cast<S>(mean), inv_s = static_cast<S>(inv);
+  const S sc = p.gamma[c] * inv_s;
+  p.mean[c] = mean_s;
+  p.invstd[c] = inv_s;
+  p.scale[c] = sc;
+  p.shift[c] = p.beta[c] - mean_s * sc;
+  if (p.running_mean != nullptr) {
+    const double m = p.momentum;
+    p.running_mean[c] = static_cast<S>((1.0 - m) * p.running_mean[c] + m * mean_s);
+    p.running_var[c] = static_cast<S>((1.0 - m) * p.running_var[c] + m * (m2 / (n - 1.0)));
+  }
+}
+
+inline int grid_for(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+}  // namespace
+
+template <typename T, typename S>
+cudaError_t bn_add_act_cuda(const T* y, const T* residual, T* out, const BnAddActParams<S>& p, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t total = p.n * p.c * p.hw;
+  if (total == 0) return cudaSuccess;
+  constexpr int threads = 256;
+  const auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  if (V > 1 && p.layout == Layout::NHWC && p.c % V == 0 && aligned(y) && aligned(residual) && aligned(out)) {
+    const int64_t total_vec = total / V;
+    bn_add_act_vec<T, S, V><<<grid_for(total_vec, threads), threads, 0, stream>>>(y, residual, out, p, total_vec);
+  } else {
+    bn_add_act_scalar<T, S><<<grid_for(total, threads), threads, 0, stream>>>(y, residual, out, p, total);
+  }
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t bn_finalize_cuda(const BnFinalizeParams<S>& p, cudaStream_t stream) {
+  if (p.c == 0) return cudaSuccess;
+  constexpr int threads = 128;
+  bn_finalize_kernel<S><<<static_cast<int>((p.c + threads - 1) / threads), threads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t bn_add_act_cuda<float, float>(const float*, const float*, float*, const BnAddActParams<float>&,
+                                                   cudaStream_t);
+template cudaError_t bn_add_act_cuda<double, double>(const double*, const double*, double*,
+                                                     const BnAddActParams<double>&, cudaStream_t);
+template cudaError_t bn_add_act_cuda<__half, float>(const __half*, const __half*, __half*, const BnAddActParams<float>&,
+                                                    cudaStream_t);
+template cudaError_t bn_add_act_cuda<__nv_bfloat16, float>(const __nv_bfloat16*, const __nv_bfloat16*,
+                                                           __nv_bfloat16*, const BnAddActParams<float>&, cudaStream_t);
+template cudaError_t bn_finalize_cuda<float>(const BnFinalizeParams<float>&, cudaStream_t);
+template cudaError_t bn_finalize_cuda<double>(const BnFinalizeParams<double>&, cudaStream_t);
+
+}  // namespace fusedres
