@@ -1,6 +1,6 @@
 // CUDA implementations of the fusedres_ext:: ops: validate, take the current stream, launch.
 // No host synchronisation, so the ops are safe inside CUDA graphs.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,7 +19,7 @@ at::Tensor bn_add_act_cuda_op(const at::Tensor& y, const at::Tensor& scale, cons
   constexpr const char* op = "fusedres_ext::bn_add_act";
   const c10::cuda::CUDAGuard guard(y.device());
   auto p = prepare_bn_add_act(op, y, scale, shift, residual, res_scale, res_shift, sample_scale);
-  auto stream = at::cuda::getCurrentCUDAStream().stream();
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
   const bool has_r = p.residual.defined();
   switch (y.scalar_type()) {
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda_op(
   constexpr const char* op = "fusedres_ext::bn_finalize";
   const c10::cuda::CUDAGuard guard(partials.device());
   auto p = prepare_bn_finalize(op, partials, gamma, beta, running_mean, running_var);
-  auto stream = at::cuda::getCurrentCUDAStream().stream();
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = p.partials.scalar_type() == at::kDouble
                         ? bn_finalize_cuda<double>(params_of<double>(p, momentum, eps), stream)
                         : bn_finalize_cuda<float>(params_of<float>(p, momentum, eps), stream);
