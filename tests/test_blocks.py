@@ -10,22 +10,8 @@ import fusedres
 from fusedres.autograd import ChainSpec, ConvGeom, PostActBlock, PreActBlock
 from fusedres.blocks import conv1x1
 from fusedres.testing import assert_close, check_against_fp64
+from helpers import randomise
 from nn_reference import reference_for
-
-
-def randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
 
 
 def proj(cin, cout, stride, bn=True):
@@ -53,6 +39,10 @@ BLOCKS = [
     ("preact-plain", lambda: fusedres.PreActBasicBlock(3, 3, residual=False), (2, 3, 5, 5)),
 ]
 IDS = [b[0] for b in BLOCKS]
+CPU_BACKENDS = [
+    n for n, st in fusedres.available_backends().items()
+    if st.available and fusedres.backends._device_error(n, torch.device("cpu")) is None
+]
 
 
 def make_input(shape, dtype, layout, seed=1):
@@ -81,8 +71,8 @@ def run(module, fn, x, train, seed=2):
     return res, out
 
 
-def fused_and_ref(build, shape, dtype, layout, train, seed=0):
-    m = randomise(build(), seed).to(dtype)
+def fused_and_ref(build, shape, dtype, layout, train, seed=0, backend="auto"):
+    m = fusedres.set_backend(randomise(build(), seed).to(dtype), backend)
     if layout == "channels_last":
         m = m.to(memory_format=torch.channels_last)
     ref = copy.deepcopy(m)
@@ -95,9 +85,10 @@ def fused_and_ref(build, shape, dtype, layout, train, seed=0):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
 @pytest.mark.parametrize("case", BLOCKS, ids=IDS)
-def test_block_matches_torch_nn_float64(case, layout, train):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_matches_torch_nn_float64(backend, case, layout, train):
     _, build, shape = case
-    got, want, out = fused_and_ref(build, shape, torch.float64, layout, train)
+    got, want, out = fused_and_ref(build, shape, torch.float64, layout, train, backend=backend)
     assert set(got) == set(want)
     for k in want:
         if want[k].is_floating_point():
@@ -111,10 +102,11 @@ def test_block_matches_torch_nn_float64(case, layout, train):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", BLOCKS, ids=IDS)
-def test_block_low_precision_within_2x_of_torch(case, train, dtype):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_low_precision_within_2x_of_torch(backend, case, train, dtype):
     """err(fused vs fp64) <= 2 * err(torch in the same dtype vs fp64) + slack."""
     _, build, shape = case
-    got, want, _ = fused_and_ref(build, shape, dtype, "contiguous", train)
+    got, want, _ = fused_and_ref(build, shape, dtype, "channels_last", train, backend=backend)
     want64, _ = fused_and_ref_ref64(build, shape, train)
     check_against_fp64(got, want, want64, dtype)
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fusedres
 from fusedres.testing import assert_close
-from test_blocks import randomise
+from helpers import assert_same_step, randomise
 from tv import load_torchvision_resnet
 
 
@@ -25,18 +25,7 @@ def test_convert_torchvision_model(tvr, name, train):
     n_blocks = sum(type(m).__name__ in ("BasicBlock", "Bottleneck") for m in model.modules())
     assert len(report.replaced) == n_blocks
     assert list(fused.state_dict()) == list(model.state_dict())
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
-    ya, yb = fused(xa), model(xb)
-    assert_close(ya, yb, atol=1e-9, rtol=1e-7, name="logits")
-    if train:
-        g = torch.randn_like(ya)
-        ya.backward(g), yb.backward(g)
-        assert_close(xa.grad, xb.grad, atol=1e-9, rtol=1e-6, name="x.grad")
-        for (n, p), (_, q) in zip(fused.named_parameters(), model.named_parameters()):
-            assert_close(p.grad, q.grad, atol=1e-8, rtol=1e-6, name=n)
-        for (n, b), (_, c) in zip(fused.named_buffers(), model.named_buffers()):
-            assert_close(b.double(), c.double(), atol=1e-10, rtol=1e-8, name=n)
+    assert_same_step(fused, model, torch.randn(4, 3, 64, 64, dtype=torch.float64), train)
 
 
 def test_convert_inplace_shares_tensors(tvr):

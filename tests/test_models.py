@@ -8,21 +8,10 @@ import torch.nn as nn
 
 import fusedres
 from fusedres.testing import assert_close
-from test_blocks import randomise
+from helpers import assert_same_step, randomise
 from tv import load_torchvision_resnet
 
-BUILDERS = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
+BUILDERS = [n for n in fusedres.models.__all__ if n[0].islower() and n != "cifar_resnet"]
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +47,7 @@ def test_outputs_equal_torchvision_after_loading_its_state_dict(tvr, name, kwarg
     theirs = randomise(getattr(tvr, name)(**kwargs)).double()
     ours = getattr(fusedres, name)(**kwargs).double()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    ours.train(train), theirs.train(train)
-    xo, xt = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
-    yo, yt = ours(xo), theirs(xt)
-    assert_close(yo, yt, atol=1e-9, rtol=1e-7, name="logits")
-    if train:
-        g = torch.randn_like(yt)
-        yo.backward(g), yt.backward(g)
-        assert_close(xo.grad, xt.grad, atol=1e-9, rtol=1e-6, name="x.grad")
-        for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
-            assert_close(p.grad, q.grad, atol=1e-8, rtol=1e-6, name=n)
-        for (n, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
-            assert_close(b.double(), c.double(), atol=1e-10, rtol=1e-8, name=n)
+    assert_same_step(ours, theirs, torch.randn(4, 3, 64, 64, dtype=torch.float64), train)
     # and back: torchvision loads what fusedres holds
     theirs2 = getattr(tvr, name)(**kwargs).double()
     theirs2.load_state_dict(ours.state_dict())

@@ -2,6 +2,7 @@
 // memory with no data-dependent branches except the ReLU select, so the compiler can
 // vectorise them at -O3.
 #include "bn_kernels.h"
+#include "chan_merge.h"
 
 #include <cmath>
 
@@ -64,33 +65,7 @@ void bn_add_act_cpu(const T* y, const T* residual, T* out, const BnAddActParams<
 
 template <typename S>
 void bn_finalize_cpu(const BnFinalizeParams<S>& p, int64_t c_begin, int64_t c_end) {
-  const int64_t C = p.c;
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    double n = 0.0, mean = 0.0, m2 = 0.0;
-    for (int64_t t = 0; t < p.tiles; ++t) {
-      const S* tile = p.partials + t * 3 * C;
-      const double nb = tile[c], mb = tile[C + c], m2b = tile[2 * C + c];
-      if (nb <= 0.0) continue;
-      const double tot = n + nb;
-      const double delta = mb - mean;
-      mean += delta * nb / tot;
-      m2 += m2b + delta * delta * n * nb / tot;
-      n = tot;
-    }
-    const double var = m2 / n;
-    const double inv = 1.0 / std::sqrt(var + p.eps);
-    const S mean_s = static_cast<S>(mean), inv_s = static_cast<S>(inv);
-    const S sc = static_cast<S>(p.gamma[c]) * inv_s;
-    p.mean[c] = mean_s;
-    p.invstd[c] = inv_s;
-    p.scale[c] = sc;
-    p.shift[c] = static_cast<S>(p.beta[c]) - mean_s * sc;
-    if (p.running_mean != nullptr) {
-      const double m = p.momentum;
-      p.running_mean[c] = static_cast<S>((1.0 - m) * p.running_mean[c] + m * mean_s);
-      p.running_var[c] = static_cast<S>((1.0 - m) * p.running_var[c] + m * (m2 / (n - 1.0)));
-    }
-  }
+  for (int64_t c = c_begin; c < c_end; ++c) finalize_channel(p, c);
 }
 
 template <typename S>

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "bn_cuda.cuh"
+#include "chan_merge.h"
 
 namespace fusedres {
 namespace {
@@ -107,31 +108,7 @@ __global__ void bn_add_act_vec(const T* __restrict__ y, const T* __restrict__ r,
 template <typename S>
 __global__ void bn_finalize_kernel(BnFinalizeParams<S> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= p.c) return;
-  const int64_t C = p.c;
-  double n = 0.0, mean = 0.0, m2 = 0.0;
-  for (int64_t t = 0; t < p.tiles; ++t) {
-    const S* tile = p.partials + t * 3 * C;
-    const double nb = tile[c], mb = tile[C + c], m2b = tile[2 * C + c];
-    if (nb <= 0.0) continue;
-    const double tot = n + nb;
-    const double delta = mb - mean;
-    mean += delta * nb / tot;
-    m2 += m2b + delta * delta * n * nb / tot;
-    n = tot;
-  }
-  const double inv = rsqrt(m2 / n + p.eps);
-  const S mean_s = static_cast<S>(mean), inv_s = static_cast<S>(inv);
-  const S sc = p.gamma[c] * inv_s;
-  p.mean[c] = mean_s;
-  p.invstd[c] = inv_s;
-  p.scale[c] = sc;
-  p.shift[c] = p.beta[c] - mean_s * sc;
-  if (p.running_mean != nullptr) {
-    const double m = p.momentum;
-    p.running_mean[c] = static_cast<S>((1.0 - m) * p.running_mean[c] + m * mean_s);
-    p.running_var[c] = static_cast<S>((1.0 - m) * p.running_var[c] + m * (m2 / (n - 1.0)));
-  }
+  if (c < p.c) finalize_channel(p, c);
 }
 
 inline int grid_for(int64_t work, int threads) {

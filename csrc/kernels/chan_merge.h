@@ -1,0 +1,47 @@
+// One channel of bn_finalize, shared by the CPU and CUDA kernels (host and device code):
+// Chan's parallel merge of per-tile (count, mean, M2) in tile order, in double, then the
+// BatchNorm affine terms and the running-statistics update of nn.BatchNorm2d.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "bn_kernels.h"
+
+#if defined(__CUDACC__)
+#define FUSEDRES_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDRES_HD inline
+#endif
+
+namespace fusedres {
+
+template <typename S>
+FUSEDRES_HD void finalize_channel(const BnFinalizeParams<S>& p, int64_t c) {
+  const int64_t C = p.c;
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  for (int64_t t = 0; t < p.tiles; ++t) {
+    const S* tile = p.partials + t * 3 * C;
+    const double nb = tile[c], mb = tile[C + c], m2b = tile[2 * C + c];
+    if (nb <= 0.0) continue;
+    const double tot = n + nb;
+    const double delta = mb - mean;
+    mean += delta * nb / tot;
+    m2 += m2b + delta * delta * n * nb / tot;
+    n = tot;
+  }
+  const double inv = 1.0 / sqrt(m2 / n + p.eps);
+  const S mean_s = static_cast<S>(mean), inv_s = static_cast<S>(inv);
+  const S sc = static_cast<S>(p.gamma[c]) * inv_s;
+  p.mean[c] = mean_s;
+  p.invstd[c] = inv_s;
+  p.scale[c] = sc;
+  p.shift[c] = static_cast<S>(p.beta[c]) - mean_s * sc;
+  if (p.running_mean != nullptr) {
+    const double m = p.momentum;
+    p.running_mean[c] = static_cast<S>((1.0 - m) * p.running_mean[c] + m * mean_s);
+    p.running_var[c] = static_cast<S>((1.0 - m) * p.running_var[c] + m * (m2 / (n - 1.0)));
+  }
+}
+
+}  // namespace fusedres

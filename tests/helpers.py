@@ -1,0 +1,40 @@
+"""Test helpers shared by several test files."""
+
+import torch
+import torch.nn as nn
+
+from fusedres.testing import assert_close
+
+
+def randomise(model, seed=0):
+    """Non-trivial BatchNorm affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def assert_same_step(ours, theirs, x, train, atol=1e-9, rtol=1e-7):
+    """One forward (+ backward of a random gradient in training) of two float64 models on
+    the same input: outputs, input gradient, every parameter gradient and buffer match."""
+    ours.train(train), theirs.train(train)
+    xa, xb = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
+    ya, yb = ours(xa), theirs(xb)
+    assert_close(ya, yb, atol=atol, rtol=rtol, name="output")
+    if not train:
+        return
+    g = torch.randn_like(yb)
+    ya.backward(g), yb.backward(g)
+    assert_close(xa.grad, xb.grad, atol=atol, rtol=rtol * 10, name="x.grad")
+    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert_close(p.grad, q.grad, atol=atol * 10, rtol=rtol * 10, name=n)
+    for (n, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
+        assert_close(b.double(), c.double(), atol=1e-10, rtol=1e-8, name=n)
