@@ -33,7 +33,7 @@ def load():
         except ImportError as e:
             msg = str(e)
             _STATE["reason"] = (
-                "not built (reinstall without FUSEDRES_SKIP_EXT=1)" if "_C" in msg and "cannot import" in msg else msg
+                "not built; reinstall without FUSEDRES_SKIP_EXT=1" if "_C" in msg and "cannot import" in msg else msg
             )
     if _STATE["module"] is None:
         warnings.warn(
