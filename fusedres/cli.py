@@ -154,6 +154,73 @@ def cmd_check(args) -> int:
     return run_check(device, dtype, args.backend)
 
 
+def _train_config(args):
+    from fusedres.train import TrainConfig
+
+    return TrainConfig(
+        arch=args.arch, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, image_size=args.image_size,
+        augment=not args.no_augment, backend=args.backend, shortcut=args.shortcut, seed=args.seed, out=args.out,
+        dtype=args.dtype, device=args.device, progress=not args.no_progress, max_steps=args.max_steps,
+    )
+
+
+def cmd_train(args) -> int:
+    from fusedres import train as T
+
+    cfg = _train_config(args)
+    if args.parity:
+        try:
+            res = T.parity(cfg, steps=args.steps)
+        except T.ParityError as e:
+            print(f"PARITY FAILED: {e}", file=sys.stderr)
+            return 1
+        if args.out:
+            import json
+            import os
+
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "parity.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+    res = T.train(cfg)
+    if args.out:
+        print(f"wrote {args.out}/history.csv, curves.png, checkpoint.pt, state_dict.pt")
+    last = res["history"][-1]
+    print(f"final: train error {last['train_error']:.2%}, test error {last['test_error']:.2%}")
+    return 0
+
+
+def cmd_degradation(args) -> int:
+    from fusedres import train as T
+
+    cfg = _train_config(args)
+    res = T.degradation(cfg, depths=args.depths)
+    for r in res["finals"]:
+        print(f"{r['arch']:>9}: final train error {r['final_train_error']:.2%}, test error {r['final_test_error']:.2%}")
+    return 0
+
+
+def _add_train_args(p, default_out=None, epochs=20):
+    p.add_argument("--arch", default="resnet20", help="resnet<6n+2>, plain<6n+2>, preresnet<6n+2>, or an ImageNet builder")
+    p.add_argument("--data", default="digits", help="'digits' (scikit-learn, bundled) or a directory of class folders")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--no-augment", action="store_true", help="no pad-and-crop augmentation")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--shortcut", default="A", choices=["A", "B", "C"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=default_out, help="directory for CSV, PNG and checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fusedres", description="fused ResNet blocks for PyTorch")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -162,8 +229,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     c.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     c.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    t = sub.add_parser("train", help="train a fusedres model on real images (digits by default)")
+    _add_train_args(t)
+    t.add_argument("--parity", action="store_true", help="fused vs torch.nn from the same weights and data order")
+    t.add_argument("--steps", type=int, default=10, help="SGD steps for --parity")
+    d = sub.add_parser("degradation", help="plain vs residual nets of two depths (He et al. 2015, Fig. 1)")
+    _add_train_args(d, default_out="degradation", epochs=24)
+    d.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     args = p.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check}[args.cmd](args)
+    cmds = {"info": cmd_info, "check": cmd_check, "train": cmd_train, "degradation": cmd_degradation}
+    return cmds[args.cmd](args)
 
 
 if __name__ == "__main__":
