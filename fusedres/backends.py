@@ -105,10 +105,43 @@ class _ExtensionBackend(ReferenceBackend):
 
 
 class CpuBackend(_ExtensionBackend):
-    """C++ CPU kernels from ``fusedres._C``; convolutions through ATen (oneDNN)."""
+    """C++ CPU kernels from ``fusedres._C``; inference convolutions as one oneDNN call with
+    the bias, residual add and ReLU as fused post-ops; other convolutions through ATen."""
 
     name = "cpu"
     device_type = "cpu"
+    native = ("bn_add_act", "bn_finalize", "conv_bias_act")
+
+    @staticmethod
+    def _onednn_dtypes() -> Tuple[torch.dtype, ...]:
+        if not torch.backends.mkldnn.is_available():
+            return ()
+        ok = [torch.float32]
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            ok.append(torch.bfloat16)
+        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            ok.append(torch.float16)
+        return tuple(ok)
+
+    @classmethod
+    def conv_bias_act(cls, x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu):
+        # oneDNN fuses bias, a residual add and ReLU after the conv; it has no input prologue and no fp64
+        if in_scale is not None or in_relu or x.dtype not in cls._onednn_dtypes() or weight.dtype != x.dtype:
+            return reference.conv_bias_act(
+                x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
+            )
+        fmt = reference.memory_format(x)
+        b = None if bias is None else bias.to(x.dtype)
+        pw = torch.ops.mkldnn._convolution_pointwise
+        if residual is None:
+            y = pw(x, weight, b, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+        else:
+            r = residual.to(x.dtype).contiguous(memory_format=fmt)
+            y = pw.binary(
+                x.contiguous(memory_format=fmt), r, weight, b, padding, stride, dilation, groups, "add", 1.0,
+                "relu" if relu else None, [], "",
+            )
+        return y.contiguous(memory_format=fmt)
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:
