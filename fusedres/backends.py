@@ -137,10 +137,14 @@ class CpuBackend(_ExtensionBackend):
             y = pw(x, weight, b, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
         else:
             r = residual.to(x.dtype).contiguous(memory_format=fmt)
+            # ATen's fallback for add+relu has no reduced-precision kernel: fuse the add only
+            fuse_relu = relu and x.dtype == torch.float32
             y = pw.binary(
                 x.contiguous(memory_format=fmt), r, weight, b, padding, stride, dilation, groups, "add", 1.0,
-                "relu" if relu else None, [], "",
+                "relu" if fuse_relu else None, [], "",
             )
+            if relu and not fuse_relu:
+                y = y.relu_()
         return y.contiguous(memory_format=fmt)
 
     @classmethod

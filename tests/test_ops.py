@@ -168,3 +168,37 @@ def test_opcheck_every_op(backend, dtype, fmt):
     for op, cases in samples.items():
         for args in cases:
             torch.library.opcheck(op, (*args, backend))
+
+
+CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
+    (1, 3, 11, 11, 5, 7, 2, 3, 1, 1),
+    (2, 7, 5, 6, 13, 3, 1, 1, 1, 1),
+    (3, 6, 9, 8, 9, 3, 2, 2, 2, 3),
+    (2, 5, 7, 7, 3, 1, 2, 0, 1, 1),
+    (2, 16, 6, 6, 16, 3, 1, 1, 1, 16),
+]
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("epilogue", ["bias", "bias+relu", "residual+relu", "residual", "none"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_cpu_conv_bias_act_matches_reference(case, epilogue, dtype, layout):
+    n, c, h, w, k, r, s, p, d, g = case
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, 2 * w if layout == "noncontig" else w, generator=gen)
+    x = (x[..., ::2] if layout == "noncontig" else x).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(k, c // g, r, r, generator=gen).to(dtype)
+    bias = torch.randn(k, generator=gen) if "bias" in epilogue else None
+    ho = (h + 2 * p - d * (r - 1) - 1) // s + 1
+    wo = (w + 2 * p - d * (r - 1) - 1) // s + 1
+    res = torch.randn(n, k, ho, wo, generator=gen).to(dtype) if "residual" in epilogue else None
+    args = (x, wt, bias, res, None, None, False, [s, s], [p, p], [d, d], g, "relu" in epilogue)
+    got = fusedres.backends.CpuBackend.conv_bias_act(*args)
+    want = reference.conv_bias_act(*args)
+    assert got.dtype == want.dtype and got.stride() == want.stride()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(got, want, atol=tol * (c * r * r) ** 0.5, rtol=tol, name="out")
