@@ -5,9 +5,11 @@ the C++/CUDA extension fusedres._C.
 
 Environment:
     FUSEDRES_SKIP_EXT=1     no extension at all (reference and triton backends only)
-    FUSEDRES_FORCE_CUDA=1   build the CUDA sources even if torch has no CUDA (needs nvcc)
+    FUSEDRES_FORCE_CUDA=1   require the CUDA kernels: fail instead of falling back to a CPU-only
+                            extension (needs a CUDA build of torch and the CUDA toolkit)
     TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0a"
-    MAX_JOBS                parallel compile jobs
+    MAX_JOBS                parallel compile jobs (ninja)
+    FUSEDRES_CXX_STD        C++ standard of the extension, default c++17
 """
 
 import glob
@@ -25,26 +27,37 @@ def _version():
     return scope["__version__"]
 
 
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _extensions():
-    if os.environ.get("FUSEDRES_SKIP_EXT", "0") == "1":
+    if _flag("FUSEDRES_SKIP_EXT"):
         print("fusedres: FUSEDRES_SKIP_EXT=1, building without the C++ extension")
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    force = os.environ.get("FUSEDRES_FORCE_CUDA", "0") == "1"
+    force = _flag("FUSEDRES_FORCE_CUDA")
     with_cuda = force or (torch.version.cuda is not None and CUDA_HOME is not None)
+    std = "-std=" + os.environ.get("FUSEDRES_CXX_STD", "c++17")
     cpu_sources = ["csrc/bindings.cpp", "csrc/kernels/bn_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", std, "-fno-trapping-math"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")])
+    if force and (torch.version.cuda is None or CUDA_HOME is None):
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit (set CUDA_HOME)"
+        raise SystemExit(f"fusedres: FUSEDRES_FORCE_CUDA=1 but {why}; the CUDA extension cannot be built")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-        cu = [s for s in cu if not s.startswith("csrc/tests/")]
+        cu = [s for s in cu if not s.startswith(os.path.join("csrc", "tests"))]
         ext = CUDAExtension(
             "fusedres._C",
             cpu_sources + cu,
-            extra_compile_args={"cxx": cxx + ["-DFUSEDRES_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-DFUSEDRES_WITH_CUDA"]},
+            extra_compile_args={
+                "cxx": cxx + ["-DFUSEDRES_WITH_CUDA"],
+                "nvcc": ["-O3", std, "-DFUSEDRES_WITH_CUDA"],
+            },
             **common,
         )
         print(f"fusedres: building the extension with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")

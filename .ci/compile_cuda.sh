@@ -33,5 +33,8 @@ compile() {
 }
 export -f compile
 export NVCC OUT TORCH_INC PY_INC GENCODE
-printf '%s\n' "${SOURCES[@]}" | xargs -P 2 -I{} bash -c 'compile "$@"' _ {}
-echo "all CUDA sources compiled"
+if ! printf '%s\n' "${SOURCES[@]}" | xargs -P 2 -I{} bash -c 'compile "$@"' _ {}; then
+  echo "CUDA compile check FAILED" >&2
+  exit 1
+fi
+echo "all ${#SOURCES[@]} CUDA sources compiled"

@@ -2,32 +2,52 @@
 // registered from bindings_cuda.cu when the extension is built with CUDA.
 #include <Python.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <torch/library.h>
 
 #include "bindings.h"
+#include "kernels/bn_cpu.h"
 
 namespace fusedres {
 namespace {
+
+template <typename T, typename S>
+void launch_bn_add_act_cpu(const BnAddActPrepared& p, bool relu) {
+  const auto k = params_of<S>(p, relu);
+  const T* y = static_cast<const T*>(p.y.const_data_ptr());
+  const T* r = p.residual.defined() ? static_cast<const T*>(p.residual.const_data_ptr()) : nullptr;
+  T* out = static_cast<T*>(p.out.mutable_data_ptr());
+  const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
+  const int64_t row_len = std::max<int64_t>(1, bn_add_act_row_length(p.c, p.hw, p.layout));
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_len);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_add_act_cpu<T, S>(y, r, out, k, b, e); });
+}
 
 at::Tensor bn_add_act_cpu_op(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_scale,
                              const std::optional<at::Tensor>& res_shift,
                              const std::optional<at::Tensor>& sample_scale, bool relu) {
   constexpr const char* op = "fusedres_ext::bn_add_act";
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble, op,
-              ": y must be float32 or float64 on CPU, got ", y.scalar_type());
+  const auto dt = y.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": y must be float32, float64, float16 or bfloat16, got ", dt);
   auto p = prepare_bn_add_act(op, y, scale, shift, residual, res_scale, res_shift, sample_scale);
-  const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
-  const int64_t row_len = p.layout == Layout::NHWC ? p.c : p.hw;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len));
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_add_act_cpu", [&] {
-    using S = scalar_t;
-    const auto k = params_of<S>(p, relu);
-    const scalar_t* yp = p.y.data_ptr<scalar_t>();
-    const scalar_t* rp = p.residual.defined() ? p.residual.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = p.out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_add_act_cpu<scalar_t, S>(yp, rp, op_, k, b, e); });
-  });
+  switch (dt) {
+    case at::kFloat:
+      launch_bn_add_act_cpu<float, float>(p, relu);
+      break;
+    case at::kDouble:
+      launch_bn_add_act_cpu<double, double>(p, relu);
+      break;
+    case at::kHalf:
+      static_assert(sizeof(at::Half) == sizeof(Half), "at::Half and fusedres::Half share a layout");
+      launch_bn_add_act_cpu<Half, float>(p, relu);
+      break;
+    default:
+      static_assert(sizeof(at::BFloat16) == sizeof(BFloat16), "at::BFloat16 and fusedres::BFloat16 share a layout");
+      launch_bn_add_act_cpu<BFloat16, float>(p, relu);
+      break;
+  }
   return p.out;
 }
 
@@ -38,9 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu_op(
   constexpr const char* op = "fusedres_ext::bn_finalize";
   auto p = prepare_bn_finalize(op, partials, gamma, beta, running_mean, running_var);
   AT_DISPATCH_FLOATING_TYPES(p.partials.scalar_type(), "bn_finalize_cpu", [&] {
-    if (running_mean.has_value()) {
-      const double n = partials_count_cpu<scalar_t>(p.partials.data_ptr<scalar_t>(), p.tiles, p.c);
-      TORCH_CHECK(n > 1, op, ": expected more than 1 value per channel to update running statistics, got ", n);
+    if (running_mean.has_value() && p.c > 0) {
+      const double n = partials_min_count_cpu<scalar_t>(p.partials.const_data_ptr<scalar_t>(), p.tiles, p.c);
+      TORCH_CHECK(n > 1, op, ": expected more than 1 value per channel to update running_mean/running_var "
+                  "(the unbiased variance divides by n - 1), got n = ", n);
     }
     const auto k = params_of<scalar_t>(p, momentum, eps);
     at::parallel_for(0, p.c, 64, [&](int64_t b, int64_t e) { bn_finalize_cpu<scalar_t>(k, b, e); });

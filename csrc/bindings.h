@@ -21,12 +21,25 @@ inline at::ScalarType stat_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_vec(const char* op, const char* name, const at::Tensor& v, int64_t size, at::ScalarType dtype,
-                      const at::Tensor& like) {
+inline void check_vec(const char* op, const char* name, const at::Tensor& v, int64_t size, const at::Tensor& like) {
   FUSEDRES_CHECK_ARG(v.dim() == 1 && v.size(0) == size, op, name, "must be a 1-D tensor of ", size,
                      " elements, got shape ", v.sizes());
-  FUSEDRES_CHECK_ARG(v.scalar_type() == dtype, op, name, "must be ", dtype, ", got ", v.scalar_type());
   FUSEDRES_CHECK_ARG(v.device() == like.device(), op, name, "must be on ", like.device(), ", got ", v.device());
+}
+
+// Per-channel / per-sample vectors of bn_add_act: float32 for every y dtype; float64 is
+// also accepted when y is float64 (then the math runs in float64). Returned contiguous in
+// the compute dtype.
+inline at::Tensor vec_arg(const char* op, const char* name, const at::Tensor& v, int64_t size, const at::Tensor& y) {
+  check_vec(op, name, v, size, y);
+  const bool y64 = y.scalar_type() == at::kDouble;
+  if (y64) {
+    FUSEDRES_CHECK_ARG(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, op, name,
+                       "must be Float or Double (y is Double), got ", v.scalar_type());
+  } else {
+    FUSEDRES_CHECK_ARG(v.scalar_type() == at::kFloat, op, name, "must be Float, got ", v.scalar_type());
+  }
+  return v.to(stat_type(y.scalar_type())).contiguous();
 }
 
 struct BnAddActPrepared {
@@ -41,7 +54,6 @@ inline BnAddActPrepared prepare_bn_add_act(const char* op, const at::Tensor& y, 
                                            const std::optional<at::Tensor>& res_shift,
                                            const std::optional<at::Tensor>& sample_scale) {
   FUSEDRES_CHECK_ARG(y.dim() == 4, op, "y", "must be 4-D (N, C, H, W), got shape ", y.sizes());
-  const auto st = stat_type(y.scalar_type());
   BnAddActPrepared p;
   p.n = y.size(0);
   p.c = y.size(1);
@@ -49,18 +61,14 @@ inline BnAddActPrepared prepare_bn_add_act(const char* op, const at::Tensor& y, 
   const auto fmt = layout_of(y);
   p.layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
   p.y = y.contiguous(fmt);
-  check_vec(op, "scale", scale, p.c, st, y);
-  check_vec(op, "shift", shift, p.c, st, y);
-  p.scale = scale.contiguous();
-  p.shift = shift.contiguous();
+  p.scale = vec_arg(op, "scale", scale, p.c, y);
+  p.shift = vec_arg(op, "shift", shift, p.c, y);
   FUSEDRES_CHECK_ARG(res_scale.has_value() == res_shift.has_value(), op, "res_scale/res_shift",
                      "must be given together");
   if (res_scale.has_value()) {
     FUSEDRES_CHECK_ARG(residual.has_value(), op, "res_scale", "needs a residual");
-    check_vec(op, "res_scale", *res_scale, p.c, st, y);
-    check_vec(op, "res_shift", *res_shift, p.c, st, y);
-    p.res_scale = res_scale->contiguous();
-    p.res_shift = res_shift->contiguous();
+    p.res_scale = vec_arg(op, "res_scale", *res_scale, p.c, y);
+    p.res_shift = vec_arg(op, "res_shift", *res_shift, p.c, y);
   }
   if (residual.has_value()) {
     const auto& r = *residual;
@@ -72,8 +80,7 @@ inline BnAddActPrepared prepare_bn_add_act(const char* op, const at::Tensor& y, 
     p.residual = r.contiguous(fmt);
   }
   if (sample_scale.has_value()) {
-    check_vec(op, "sample_scale", *sample_scale, p.n, st, y);
-    p.sample_scale = sample_scale->contiguous();
+    p.sample_scale = vec_arg(op, "sample_scale", *sample_scale, p.n, y);
   }
   p.out = at::empty(y.sizes(), y.options().memory_format(fmt));
   return p;
@@ -115,7 +122,9 @@ inline BnFinalizePrepared prepare_bn_finalize(const char* op, const at::Tensor& 
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"gamma", &gamma}, {"beta", &beta}}) {
     FUSEDRES_CHECK_ARG(t->dim() == 1 && t->size(0) == p.c, op, name, "must be a 1-D tensor of ", p.c,
                        " elements, got shape ", t->sizes());
-    FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device());
+    FUSEDRES_CHECK_ARG(t->is_floating_point(), op, name, "must be a floating-point tensor, got ", t->scalar_type());
+    FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device(), ", got ",
+                       t->device());
   }
   p.gamma = gamma.to(st).contiguous();
   p.beta = beta.to(st).contiguous();
@@ -126,7 +135,10 @@ inline BnFinalizePrepared prepare_bn_finalize(const char* op, const at::Tensor& 
                            {"running_var", &*running_var}}) {
       FUSEDRES_CHECK_ARG(t->dim() == 1 && t->size(0) == p.c, op, name, "must be a 1-D tensor of ", p.c,
                          " elements, got shape ", t->sizes());
-      FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device());
+      FUSEDRES_CHECK_ARG(t->is_floating_point(), op, name, "must be a floating-point tensor, got ",
+                         t->scalar_type());
+      FUSEDRES_CHECK_ARG(t->device() == partials.device(), op, name, "must be on ", partials.device(), ", got ",
+                         t->device());
     }
     // work on contiguous copies in the statistics dtype when needed; copied back after the kernel
     p.rm = (running_mean->scalar_type() == st && running_mean->is_contiguous()) ? *running_mean

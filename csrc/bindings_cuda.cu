@@ -57,6 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda_op(
   constexpr const char* op = "fusedres_ext::bn_finalize";
   const c10::cuda::CUDAGuard guard(partials.device());
   auto p = prepare_bn_finalize(op, partials, gamma, beta, running_mean, running_var);
+  // The per-channel counts live on the device: checking n > 1 for the running statistics
+  // here would need a host sync, so callers check it from the input shape beforehand
+  // (as nn.BatchNorm2d does); the CPU op checks the partials themselves.
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = p.partials.scalar_type() == at::kDouble
                         ? bn_finalize_cuda<double>(params_of<double>(p, momentum, eps), stream)

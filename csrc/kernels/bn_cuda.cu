@@ -1,8 +1,9 @@
 // CUDA kernels for bn_add_act and bn_finalize.
 //
-// bn_add_act is bandwidth bound: the NHWC path moves 16 bytes per load/store (8 bf16/fp16
-// or 4 fp32 values along C) when C is a multiple of the vector width and the pointers are
-// 16-byte aligned; everything else takes the scalar path. Indexing is int64 throughout, so
+// bn_add_act is bandwidth bound: with 16-byte aligned pointers it moves 16 bytes per
+// load/store (8 bf16/fp16, 4 fp32 or 2 fp64 values): along C in NHWC when C is a multiple
+// of the vector width, along H*W in NCHW when H*W is; everything else takes the scalar path
+// (one element per thread, any C and H*W). Indexing is int64 throughout, so
 // tensors with more than 2^31 elements are safe. bn_finalize merges tiles in a fixed order
 // per channel (one thread per channel), so it is deterministic without atomics.
 #include <cuda_bf16.h>
@@ -41,7 +42,7 @@ struct Cvt<__nv_bfloat16> {
 
 template <typename S>
 __device__ __forceinline__ S relu_nan(S z) {
-  return (z > S(0) || z != z) ? z : S(0);
+  return z <= S(0) ? S(0) : z;  // NaN <= 0 is false: NaN propagates like torch.relu (fmaxf would drop it)
 }
 
 template <typename T, typename S>
@@ -73,18 +74,28 @@ __global__ void bn_add_act_scalar(const T* __restrict__ y, const T* __restrict__
   }
 }
 
-// NHWC, C % V == 0, 16-byte aligned: each thread handles V consecutive channels of a pixel.
-template <typename T, typename S, int V>
+// 16-byte vectors of V elements, all pointers 16-byte aligned.
+//   NHWC (C % V == 0): a vector is V consecutive channels of one pixel
+//   NCHW (H*W % V == 0): a vector is V consecutive pixels of one (n, c) plane
+template <typename T, typename S, int V, bool Nhwc>
 __global__ void bn_add_act_vec(const T* __restrict__ y, const T* __restrict__ r, T* __restrict__ out,
                                BnAddActParams<S> p, int64_t total_vec) {
   struct alignas(16) Pack {
     T v[V];
   };
-  const int64_t cv = p.c / V;
+  static_assert(sizeof(Pack) == 16, "a pack is one 16-byte access");
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total_vec; i += stride) {
-    const int64_t ch0 = (i % cv) * V;
-    const int64_t n = i / (p.hw * cv);
+    int64_t ch0, n;
+    if (Nhwc) {
+      const int64_t cv = p.c / V;
+      ch0 = (i % cv) * V;
+      n = i / (p.hw * cv);
+    } else {
+      const int64_t plane = i / (p.hw / V);
+      ch0 = plane % p.c;
+      n = plane / p.c;
+    }
     const Pack yv = reinterpret_cast<const Pack*>(y)[i];
     Pack rv;
     if (r != nullptr) rv = reinterpret_cast<const Pack*>(r)[i];
@@ -92,7 +103,7 @@ __global__ void bn_add_act_vec(const T* __restrict__ y, const T* __restrict__ r,
     Pack o;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t ch = ch0 + j;
+      const int64_t ch = Nhwc ? ch0 + j : ch0;
       S z = (Cvt<T>::to(yv.v[j]) * p.scale[ch] + p.shift[ch]) * k;
       if (r != nullptr) {
         S q = Cvt<T>::to(rv.v[j]);
@@ -125,9 +136,13 @@ cudaError_t bn_add_act_cuda(const T* y, const T* residual, T* out, const BnAddAc
   if (total == 0) return cudaSuccess;
   constexpr int threads = 256;
   const auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  if (V > 1 && p.layout == Layout::NHWC && p.c % V == 0 && aligned(y) && aligned(residual) && aligned(out)) {
+  const bool vec_ok = V > 1 && aligned(y) && aligned(residual) && aligned(out);
+  if (vec_ok && p.layout == Layout::NHWC && p.c % V == 0) {
     const int64_t total_vec = total / V;
-    bn_add_act_vec<T, S, V><<<grid_for(total_vec, threads), threads, 0, stream>>>(y, residual, out, p, total_vec);
+    bn_add_act_vec<T, S, V, true><<<grid_for(total_vec, threads), threads, 0, stream>>>(y, residual, out, p, total_vec);
+  } else if (vec_ok && p.layout == Layout::NCHW && p.hw % V == 0) {
+    const int64_t total_vec = total / V;
+    bn_add_act_vec<T, S, V, false><<<grid_for(total_vec, threads), threads, 0, stream>>>(y, residual, out, p, total_vec);
   } else {
     bn_add_act_scalar<T, S><<<grid_for(total, threads), threads, 0, stream>>>(y, residual, out, p, total);
   }

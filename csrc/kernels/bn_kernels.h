@@ -2,9 +2,12 @@
 // a cudaStream_t. The binding layer (csrc/bindings*.cpp/.cu) turns tensors into these
 // arguments; CMake builds and tests the kernels on their own.
 //
-// Layouts: a 4-D tensor of logical shape [N, C, H, W] stored either NCHW (contiguous)
-// or NHWC (channels_last). "S" is the compute/statistics type: float for float, half
-// and bfloat16 storage, double for double storage.
+// Layouts: a 4-D tensor of logical shape [N, C, H, W] stored either NCHW (contiguous,
+// the spatial index is the fastest) or NHWC (channels_last, the channel is the fastest).
+// "S" is the compute/statistics type: float for float, half and bfloat16 storage, double
+// for double storage. Per-channel and per-sample vectors are given in S.
+//
+// CPU declarations: bn_cpu.h. CUDA declarations: bn_cuda.cuh.
 #pragma once
 
 #include <cstdint>
@@ -25,17 +28,19 @@ struct BnAddActParams {
   Layout layout = Layout::NCHW;
   const S* scale = nullptr;         // [C]
   const S* shift = nullptr;         // [C]
-  const S* res_scale = nullptr;     // [C] or nullptr
+  const S* res_scale = nullptr;     // [C] or nullptr (only with a residual)
   const S* res_shift = nullptr;     // [C] or nullptr (given iff res_scale is)
   const S* sample_scale = nullptr;  // [N] or nullptr
   bool relu = true;
 };
 
 // Chan merge of per-tile (count, mean, M2) partials, then the BatchNorm affine terms:
-//   partials: [T, 3, C] (row 0 count, row 1 mean, row 2 M2), merged in tile order t = 0..T-1
+//   partials: [T, 3, C] (row 0 count, row 1 mean, row 2 M2), merged in tile order
+//             t = 0..T-1 in double; tiles with count 0 are skipped
 //   mean, invstd, scale, shift: [C] outputs;  var = M2/n (biased), invstd = 1/sqrt(var + eps)
 //   scale = gamma*invstd, shift = beta - mean*scale
-//   running_mean/var (nullable, updated in place): (1-m)*r + m*mean, (1-m)*r + m*M2/(n-1)
+//   running_mean/var (nullable, both or neither, updated in place):
+//     (1-m)*running_mean + m*mean,  (1-m)*running_var + m*M2/(n-1)
 template <typename S>
 struct BnFinalizeParams {
   int64_t tiles = 0, c = 0;
@@ -50,25 +55,5 @@ struct BnFinalizeParams {
   S* scale = nullptr;
   S* shift = nullptr;
 };
-
-// ------------------------------------------------------------------------------ CPU
-// Work is split in "rows" so a caller can parallelise over [begin, end):
-//   NHWC: a row is one pixel (n, h, w) with its C channels; rows = N*H*W
-//   NCHW: a row is one (n, c) plane of H*W values;          rows = N*C
-inline int64_t bn_add_act_rows(int64_t n, int64_t c, int64_t hw, Layout layout) {
-  return layout == Layout::NHWC ? n * hw : n * c;
-}
-
-template <typename T, typename S>
-void bn_add_act_cpu(const T* y, const T* residual, T* out, const BnAddActParams<S>& p, int64_t row_begin,
-                    int64_t row_end);
-
-// Channels [c_begin, c_end) of the finalize; deterministic (tile order fixed).
-template <typename S>
-void bn_finalize_cpu(const BnFinalizeParams<S>& p, int64_t c_begin, int64_t c_end);
-
-// Total count of channel 0 over all tiles (the per-channel element count M).
-template <typename S>
-double partials_count_cpu(const S* partials, int64_t tiles, int64_t c);
 
 }  // namespace fusedres

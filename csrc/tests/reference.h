@@ -46,6 +46,7 @@ struct Failures {
 
 inline bool close(double a, double b, double tol) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  if (std::isinf(a) || std::isinf(b)) return a == b;
   return std::fabs(a - b) <= tol * (1.0 + std::fabs(b));
 }
 
