@@ -1,10 +1,21 @@
-"""Shared fixtures. Nothing here touches CUDA at import or collection."""
+"""Shared fixtures. Nothing here touches CUDA at import or collection.
+
+Without a CUDA device the triton backend's kernels run on CPU tensors through Triton's
+interpreter, so every test that runs over the available backends covers them too.
+TRITON_INTERPRET must be set before any kernel is defined, hence here, before the tests
+import fusedres. Set TRITON_INTERPRET=0 to leave the triton backend out.
+"""
 
 import collections
+import os
 import random
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,108 @@
+"""The triton backend's primitive table (same signatures as ``fusedres.reference``)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fusedres import reference
+from fusedres.backends import ReferenceBackend
+
+from . import _config, bn, conv
+
+
+def _vec(v: Optional[Tensor]) -> Optional[Tensor]:
+    return None if v is None else v.contiguous()
+
+
+def _same_dtype(w: Tensor, like: Tensor) -> Tensor:
+    return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+class TritonBackend(ReferenceBackend):
+    """Every primitive as a Triton kernel."""
+
+    name = "triton"
+    native: Tuple[str, ...] = (
+        "conv_bias_act",
+        "conv_stats",
+        "batch_stats",
+        "bn_finalize",
+        "bn_add_act",
+        "bn_backward_reduce",
+        "bn_backward_apply",
+        "act_grad",
+        "conv_dgrad",
+        "conv_wgrad",
+    )
+
+    @classmethod
+    def availability(cls):
+        from . import availability
+
+        return availability()
+
+    @classmethod
+    def device_error(cls, device: torch.device):
+        from . import device_error
+
+        return device_error(device)
+
+    @staticmethod
+    def stats_tiles(y_shape: Sequence[int]) -> int:
+        n, _, p, q = y_shape
+        return _config.stats_tiles(n * p * q)
+
+    @staticmethod
+    def conv_bias_act(x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+                      relu) -> Tensor:
+        return conv.conv_forward(
+            x, _same_dtype(weight, x), _vec(bias), residual, _vec(in_scale), _vec(in_shift), in_relu,
+            list(stride), list(padding), list(dilation), groups, relu, reference.memory_format(x), stats=False,
+        )
+
+    @staticmethod
+    def conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+        return conv.conv_forward(
+            x, _same_dtype(weight, x), None, None, _vec(in_scale), _vec(in_shift), in_relu,
+            list(stride), list(padding), list(dilation), groups, False, reference.memory_format(x), stats=True,
+        )
+
+    @staticmethod
+    def batch_stats(x: Tensor) -> Tensor:
+        return bn.batch_stats(x)
+
+    @staticmethod
+    def bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps):
+        return bn.bn_finalize(partials, _vec(gamma), _vec(beta), running_mean, running_var, momentum, eps)
+
+    @staticmethod
+    def bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu):
+        return bn.bn_add_act(y, _vec(scale), _vec(shift), residual, _vec(res_scale), _vec(res_shift),
+                             _vec(sample_scale), relu)
+
+    @staticmethod
+    def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale):
+        return bn.bn_backward_reduce(dout, y, _vec(mean), _vec(invstd), _vec(scale), _vec(shift), out, relu,
+                                     _vec(sample_scale))
+
+    @staticmethod
+    def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
+        return bn.bn_backward_apply(dout, y, _vec(mean), _vec(invstd), _vec(scale), _vec(shift), out, relu,
+                                    _vec(sample_scale), sum_g, sum_gx)
+
+    @staticmethod
+    def act_grad(dout: Tensor, out: Tensor) -> Tensor:
+        return bn.act_grad(dout, out)
+
+    @staticmethod
+    def conv_dgrad(dy, weight, input_shape: List[int], stride, padding, dilation, groups) -> Tensor:
+        return conv.conv_dgrad(dy, _same_dtype(weight, dy), list(input_shape), list(stride), list(padding),
+                               list(dilation), groups, reference.memory_format(dy))
+
+    @staticmethod
+    def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups) -> Tensor:
+        return conv.conv_wgrad(dy, _same_dtype(x, dy), _vec(in_scale), _vec(in_shift), in_relu, list(weight_shape),
+                               list(stride), list(padding), list(dilation), groups)
