@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,11 @@ class PostActBlock(torch.autograd.Function):
             if need[1]:
                 dx_short = ops.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
 
-        # Main branch, last conv to first.
+        # Main branch, last conv to first. Between two convs the BatchNorm backward is split:
+        # its reduce runs on the dgrad output dh, its apply inside the next conv's dgrad and
+        # wgrad (bn_apply_conv_backward), so that gradient is never stored.
         dx = None
+        pending = None  # (dh, unit, coefs) whose BN apply is still to be done
         for i in reversed(range(n)):
             w = params[UNIT * i]
             geom = spec.convs[i]
@@ -155,15 +158,34 @@ class PostActBlock(torch.autograd.Function):
                 h_in, s_in, t_in, relu_in = x, None, None, False
             else:
                 h_in, s_in, t_in, relu_in = ys[i - 1], stats[i - 1][2], stats[i - 1][3], True
-            if need[4 + UNIT * i]:
-                grads[UNIT * i] = ops.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
+            need_w = bool(need[4 + UNIT * i])
+            need_d = i > 0 or bool(need[1])
+            d = None
+            if pending is None:
+                if need_w:
+                    grads[UNIT * i] = ops.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
+                if need_d:
+                    d = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
+            elif need_w or need_d:
+                dh, unit, coefs = pending
+                d, dw = ops.bn_apply_conv_backward(
+                    dh, ys[unit], stats[unit][2], stats[unit][3], coefs, w, h_in, s_in, t_in, relu_in,
+                    *geom.args(), need_d, need_w, b,
+                )
+                if need_w:
+                    grads[UNIT * i] = dw
+                if not need_d:
+                    d = None
+            pending = None
             if i > 0:
-                dh = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
-                dy, sgx, sg = _bn_back(dh, ys[i - 1], stats[i - 1], None, True, None, b)
+                mean, invstd, scale, shift = stats[i - 1]
+                sg, sgx = ops.bn_backward_reduce(d, ys[i - 1], mean, invstd, scale, shift, None, True, None, b)
                 grads[UNIT * (i - 1) + 1] = _cast(sgx, params[UNIT * (i - 1) + 1])
                 grads[UNIT * (i - 1) + 2] = _cast(sg, params[UNIT * (i - 1) + 2])
-            elif need[1]:
-                dx = ops.conv_dgrad(dy, w, ctx.x_shape, *geom.args(), b)
+                m = d.numel() // d.shape[1]
+                pending = (d, i - 1, reference.bn_backward_coefs(mean, invstd, scale, sg, sgx, m))
+            else:
+                dx = d
 
         if dx is not None:
             if spec.shortcut == "identity":

@@ -31,6 +31,7 @@ PRIMITIVES = (
     "act_grad",
     "conv_dgrad",
     "conv_wgrad",
+    "bn_apply_conv_backward",
 )
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
@@ -63,6 +64,7 @@ class ReferenceBackend:
     act_grad = staticmethod(reference.act_grad)
     conv_dgrad = staticmethod(reference.conv_dgrad)
     conv_wgrad = staticmethod(reference.conv_wgrad)
+    bn_apply_conv_backward = staticmethod(reference.bn_apply_conv_backward)
     stats_tiles = staticmethod(reference.stats_tiles)
 
     @classmethod

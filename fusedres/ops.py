@@ -248,6 +248,43 @@ def _(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilatio
     return reference.conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups)
 
 
+@torch.library.custom_op(f"{_LIB}::bn_apply_conv_backward", mutates_args=())
+def bn_apply_conv_backward(
+    dh: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    coefs: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    in_relu: bool,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    need_dx: bool,
+    need_dw: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """dgrad and wgrad of a conv whose output gradient is the BatchNorm(+ReLU) backward apply
+    of ``dh``, computed while loading (never stored). Unneeded outputs are empty tensors."""
+    return _table(backend).bn_apply_conv_backward(
+        dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+        need_dx, need_dw,
+    )
+
+
+@bn_apply_conv_backward.register_fake
+def _(dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+      need_dx, need_dw, backend):
+    return reference.bn_apply_conv_backward(
+        dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+        need_dx, need_dw,
+    )
+
+
 # ----------------------------------------------------------- autograd of conv_bias_act
 
 
@@ -302,4 +339,5 @@ ALL_OPS = (
     act_grad,
     conv_dgrad,
     conv_wgrad,
+    bn_apply_conv_backward,
 )

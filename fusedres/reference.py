@@ -26,6 +26,12 @@ backward
   bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
       -> sum(g), sum(g * xhat)  per channel  (= dbeta, dgamma)
   bn_backward_apply(... same ..., sum_g, sum_gx) -> dy = A*g + B*y + C
+  bn_backward_coefs(mean, invstd, scale, sum_g, sum_gx, m) -> [3, C] rows A, B, C
+  bn_apply_conv_backward(dh, y, scale, shift, coefs, w, x, in_scale, in_shift, in_relu,
+                         geometry, need_dx, need_dw)
+      -> dx, dw of a conv whose output gradient is dy = A*g + B*y + C of the BatchNorm+ReLU
+         after it (g = dh where y*scale + shift > 0): the apply is done while loading dy, so
+         dy is never stored; an output not needed is returned empty
   act_grad(dout, out) -> dout masked where out <= 0 (ReLU backward from its output)
   conv_dgrad(dy, w, input_shape, geometry) -> dx
   conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, geometry) -> dw
@@ -276,6 +282,49 @@ def bn_backward_apply(
     c = -a * sum_g / m - b * mean
     dy = g * _c(a) + y.to(g.dtype) * _c(b) + _c(c)
     return _like(dy, y)
+
+
+def bn_backward_coefs(mean: Tensor, invstd: Tensor, scale: Tensor, sum_g: Tensor, sum_gx: Tensor, m: int) -> Tensor:
+    """Per-channel [3, C] (A, B, C) of the BatchNorm backward dy = A*g + B*y + C (C-sized math)."""
+    a = scale.to(mean.dtype)
+    b = -a * invstd * sum_gx / m
+    c = -a * sum_g / m - b * mean
+    return torch.stack([a, b, c])
+
+
+def bn_apply_relu(dh: Tensor, y: Tensor, scale: Tensor, shift: Tensor, coefs: Tensor) -> Tensor:
+    """dy = A*g + B*y + C with g = dh where y*scale + shift > 0; y's dtype and layout."""
+    g = _masked_grad(dh, y, scale, shift, None, True, None)
+    dy = g * _c(coefs[0]) + y.to(g.dtype) * _c(coefs[1]) + _c(coefs[2])
+    return _like(dy, y)
+
+
+def bn_apply_conv_backward(
+    dh: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    coefs: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    in_relu: bool,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    need_dx: bool,
+    need_dw: bool,
+) -> Tuple[Tensor, Tensor]:
+    dy = bn_apply_relu(dh, y, scale, shift, coefs)
+    dx = conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups) if need_dx else dy.new_empty(0)
+    dw = (
+        conv_wgrad(dy, x, in_scale, in_shift, in_relu, list(weight.shape), stride, padding, dilation, groups)
+        if need_dw
+        else dy.new_empty(0)
+    )
+    return dx, dw
 
 
 def act_grad(dout: Tensor, out: Tensor) -> Tensor:

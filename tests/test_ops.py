@@ -156,6 +156,10 @@ def _samples(dtype, fmt):
         ops.act_grad: [(t(2, 6, 4, 4), y)],
         ops.conv_dgrad: [(y, w, list(x.shape), *GEOM)],
         ops.conv_wgrad: [(y, x, c(5), c(5), True, list(w.shape), *GEOM), (y, x, None, None, False, list(w.shape), *GEOM)],
+        ops.bn_apply_conv_backward: [
+            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, c(5), c(5), True, *GEOM, True, True),
+            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, None, None, False, *GEOM, False, True),
+        ],
     }
 
 

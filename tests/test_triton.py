@@ -141,6 +141,33 @@ def test_conv_dgrad_wgrad(case, dtype):
         assert dw.is_contiguous()
 
 
+@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_bn_apply_fused_into_dgrad_and_wgrad(case, dtype):
+    x, wt, s, t, geom = _conv_case(case, dtype)
+    y = R.conv_stats(x, wt, None, None, False, *geom)[0]
+    k = y.shape[1]
+    gen = torch.Generator().manual_seed(5)
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
+    sd = R.stat_dtype(dtype)
+    dh = _layout(rnd(*y.shape).to(dtype).to(DEVICE), "channels_last" if case[-1] == "contiguous" else "contiguous")
+    bs, bt = (rnd(k).abs() + 0.5).to(sd).to(DEVICE), rnd(k).to(sd).to(DEVICE)
+    coefs = rnd(3, k).to(sd).to(DEVICE)
+    for pro, need in [((s, t, True), (True, True)), ((None, None, False), (True, False)), ((s, t, True), (False, True))]:
+        args = (dh, y, bs, bt, coefs, wt, x, *pro, *geom, *need)
+        dx, dw = T.bn_apply_conv_backward(*args)
+        dxr, dwr = R.bn_apply_conv_backward(*args)
+        if need[0]:
+            _close(dx, dxr, dtype, "dx")
+            _same_layout(dx, dxr, "dx")
+        else:
+            assert dx.numel() == 0
+        if need[1]:
+            _close(dw, dwr, dtype, "dw")
+        else:
+            assert dw.numel() == 0
+
+
 def test_wgrad_split_reduction_matches():
     # enough output pixels that the reduction is split in several chunks
     case = ("big-m", 3, 4, 12, 12, 5, 3, 1, 1, 1, 1, "channels_last")

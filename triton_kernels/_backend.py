@@ -36,6 +36,7 @@ class TritonBackend(ReferenceBackend):
         "act_grad",
         "conv_dgrad",
         "conv_wgrad",
+        "bn_apply_conv_backward",
     )
 
     @classmethod
@@ -106,3 +107,18 @@ class TritonBackend(ReferenceBackend):
     def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups) -> Tensor:
         return conv.conv_wgrad(dy, _same_dtype(x, dy), _vec(in_scale), _vec(in_shift), in_relu, list(weight_shape),
                                list(stride), list(padding), list(dilation), groups)
+
+    @staticmethod
+    def bn_apply_conv_backward(dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding,
+                               dilation, groups, need_dx, need_dw):
+        # the apply runs in the prologue of both kernels: dy = A*g + B*y + C is never stored
+        bn_args = (y, _vec(scale), _vec(shift), coefs.contiguous())
+        geom = (list(stride), list(padding), list(dilation), groups)
+        dx = dw = dh.new_empty(0)
+        if need_dx:
+            dx = conv.conv_dgrad(dh, _same_dtype(weight, dh), list(x.shape), *geom, reference.memory_format(y),
+                                 bn=bn_args)
+        if need_dw:
+            dw = conv.conv_wgrad(dh, _same_dtype(x, dh), _vec(in_scale), _vec(in_shift), in_relu, list(weight.shape),
+                                 *geom, bn=bn_args)
+        return dx, dw

@@ -22,8 +22,8 @@ import triton
 _KEYS: Dict[str, List[str]] = {
     "fwd": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h",
             "HAS_BIAS", "HAS_RES", "HAS_PRO", "STATS", "TF32"],
-    "dgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "TF32"],
-    "wgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "N_SPLIT", "HAS_PRO", "TF32"],
+    "dgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "DY_PRO", "TF32"],
+    "wgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "N_SPLIT", "HAS_PRO", "DY_PRO", "TF32"],
 }
 
 

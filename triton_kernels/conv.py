@@ -45,6 +45,27 @@ def _dot(a, b, acc, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexp
 
 
 @triton.jit
+def _bn_apply(dh, yv, kg, mask_k, mask, scale_ptr, shift_ptr, coef_ptr, K, acc_t: tl.constexpr,
+              out_t: tl.constexpr, EXACT_BF16: tl.constexpr, AXIS: tl.constexpr):
+    """BatchNorm(+ReLU) backward apply on a loaded tile of the output gradient: dh masked
+    where y*scale + shift <= 0, then A*g + B*y + C; zero outside ``mask``, rounded to the
+    storage dtype as the stored gradient would be. Channels run along ``AXIS`` of the tile."""
+    sc = tl.load(scale_ptr + kg, mask=mask_k, other=0.0).to(acc_t)
+    sh = tl.load(shift_ptr + kg, mask=mask_k, other=0.0).to(acc_t)
+    ca = tl.load(coef_ptr + kg, mask=mask_k, other=0.0).to(acc_t)
+    cb = tl.load(coef_ptr + K + kg, mask=mask_k, other=0.0).to(acc_t)
+    cc = tl.load(coef_ptr + 2 * K + kg, mask=mask_k, other=0.0).to(acc_t)
+    if AXIS == 1:
+        sc, sh, ca, cb, cc = sc[None, :], sh[None, :], ca[None, :], cb[None, :], cc[None, :]
+    else:
+        sc, sh, ca, cb, cc = sc[:, None], sh[:, None], ca[:, None], cb[:, None], cc[:, None]
+    y = yv.to(acc_t)
+    g = tl.where(y * sc + sh <= 0, 0.0, dh.to(acc_t))
+    d = tl.where(mask, g * ca + y * cb + cc, 0.0)
+    return to_storage(d, out_t, EXACT_BF16)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, in_scale_ptr, in_shift_ptr, part_ptr,
     N, C, H, W, K, P, Q, R, S,
@@ -131,14 +152,15 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr,
+    dy_ptr, w_ptr, dx_ptr, by_ptr, bscale_ptr, bshift_ptr, coef_ptr,
     N, C, H, W, K, P, Q, R, S,
     sdn, sdk, sdp, sdq,
+    sbn, sbk, sbp, sbq,
     swk, swc, swr, sws,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     CG, KG,
-    ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+    DY_PRO: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -174,7 +196,13 @@ def _conv_dgrad_kernel(
             kr = k0 + rk
             mask_k = kr < KG
             kg = (g * KG + kr).to(tl.int64)
-            a = tl.load(dy_ptr + dy_row[:, None] + kg[None, :] * sdk, mask=hit[:, None] & mask_k[None, :], other=0.0)
+            a_mask = hit[:, None] & mask_k[None, :]
+            a = tl.load(dy_ptr + dy_row[:, None] + kg[None, :] * sdk, mask=a_mask, other=0.0)
+            if DY_PRO:
+                by_row = n * sbn + p.to(tl.int64) * sbp + q.to(tl.int64) * sbq
+                yv = tl.load(by_ptr + by_row[:, None] + kg[None, :] * sbk, mask=a_mask, other=0.0)
+                a = _bn_apply(a, yv, kg, mask_k, a_mask, bscale_ptr, bshift_ptr, coef_ptr, K, acc_t,
+                              dy_ptr.dtype.element_ty, UPCAST, 1)
             b = tl.load(w_ptr + kg[:, None] * swk + rn[None, :].to(tl.int64) * swc + r * swr + s * sws,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(a, b, acc, ACC64, TF32, UPCAST)
@@ -186,13 +214,15 @@ def _conv_dgrad_kernel(
 
 @triton.jit
 def _conv_wgrad_kernel(
-    dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, part_ptr,
+    dy_ptr, x_ptr, in_scale_ptr, in_shift_ptr, part_ptr, by_ptr, bscale_ptr, bshift_ptr, coef_ptr,
     N, C, H, W, K, P, Q, R, S,
     sdn, sdk, sdp, sdq,
+    sbn, sbk, sbp, sbq,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     CG, KG, CHUNK, N_SPLIT,
-    HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, DY_PRO: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # rows: output channels of group g (BLOCK_M); columns: j = (c*R + r)*S + s (BLOCK_N);
@@ -232,7 +262,13 @@ def _conv_wgrad_kernel(
         q = pq % Q
         # A = dy^T tile [BLOCK_M (k), BLOCK_K (pixels)]
         dy_off = n * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
-        a = tl.load(dy_ptr + kg[:, None] * sdk + dy_off[None, :], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        a_mask = mask_k[:, None] & mask_m[None, :]
+        a = tl.load(dy_ptr + kg[:, None] * sdk + dy_off[None, :], mask=a_mask, other=0.0)
+        if DY_PRO:
+            by_off = n * sbn + p.to(tl.int64) * sbp + q.to(tl.int64) * sbq
+            yv = tl.load(by_ptr + kg[:, None] * sbk + by_off[None, :], mask=a_mask, other=0.0)
+            a = _bn_apply(a, yv, kg, mask_k, a_mask, bscale_ptr, bshift_ptr, coef_ptr, K, acc_t,
+                          dy_ptr.dtype.element_ty, UPCAST, 0)
         # B = input patch tile [BLOCK_K (pixels), BLOCK_N (c, r, s)]
         ih = p[:, None] * stride_h - pad_h + r[None, :] * dil_h
         iw = q[:, None] * stride_w - pad_w + s[None, :] * dil_w
@@ -312,7 +348,9 @@ def conv_forward(x, weight, bias, residual, in_scale, in_shift, in_relu, stride,
     return (out, part) if stats else out
 
 
-def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_format):
+def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_format, bn=None):
+    """dx of the conv; with ``bn = (y, scale, shift, coefs)`` the output gradient is the
+    BatchNorm(+ReLU) backward apply of ``dy`` (computed on load, see bn_apply_conv_backward)."""
     n, c, h, w = input_shape
     k, cg, r, s = weight.shape
     kg = k // groups
@@ -323,20 +361,22 @@ def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_f
     if dy.numel() == 0:
         return dx.zero_()
     m = n * h * w
+    by, bsc, bsh, coef = bn if bn is not None else (dy, dy, dy, dy)
     args = (
-        dy, weight, dx,
+        dy, weight, dx, by, bsc, bsh, coef,
         n, c, h, w, k, p, q, r, s,
-        *dy.stride(), *weight.stride(), *dx.stride(),
+        *dy.stride(), *by.stride(), *weight.stride(), *dx.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         cg, kg,
     )
-    flags = dict(ACC64=dy.dtype == torch.float64, TF32=_tf32(dy.dtype), UPCAST=_upcast(dy.dtype))
+    flags = dict(DY_PRO=bn is not None, ACC64=dy.dtype == torch.float64, TF32=_tf32(dy.dtype),
+                 UPCAST=_upcast(dy.dtype))
     _config.launch("dgrad", _conv_dgrad_kernel, lambda bm, bn: (triton.cdiv(m, bm), triton.cdiv(cg, bn), groups),
                    args, flags)
     return dx
 
 
-def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups):
+def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups, bn=None):
     n, c, h, w = x.shape
     k, cg, r, s = weight_shape
     kg = k // groups
@@ -350,16 +390,18 @@ def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding
     chunk = triton.cdiv(triton.cdiv(m, n_split), 256) * 256
     n_split = triton.cdiv(m, chunk)
     part = torch.empty((groups * n_split, kg, j), dtype=sd, device=dy.device)
+    by, bsc, bsh, coef = bn if bn is not None else (dy, part, part, part)
     args = (
         dy, x,
         in_scale if in_scale is not None else part, in_shift if in_shift is not None else part,
-        part,
+        part, by, bsc, bsh, coef,
         n, c, h, w, k, p, q, r, s,
-        *dy.stride(), *x.stride(),
+        *dy.stride(), *by.stride(), *x.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         cg, kg, chunk, n_split,
     )
-    flags = dict(HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu), ACC64=dy.dtype == torch.float64,
+    flags = dict(HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu), DY_PRO=bn is not None,
+                 ACC64=dy.dtype == torch.float64,
                  TF32=_tf32(dy.dtype), UPCAST=_upcast(dy.dtype))
     _config.launch("wgrad", _conv_wgrad_kernel,
                    lambda bm, bn: (triton.cdiv(kg, bm), triton.cdiv(j, bn), groups * n_split), args, flags)
