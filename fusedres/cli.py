@@ -191,6 +191,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def cmd_degradation(args) -> int:
     from fusedres import train as T
 
@@ -236,8 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     d = sub.add_parser("degradation", help="plain vs residual nets of two depths (He et al. 2015, Fig. 1)")
     _add_train_args(d, default_out="degradation", epochs=24)
     d.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    bp = sub.add_parser("bench", help="side-by-side benchmark: eager, torch.compile and every fusedres backend")
+    from . import bench as _bench
+
+    _bench.add_arguments(bp)
     args = p.parse_args(argv)
-    cmds = {"info": cmd_info, "check": cmd_check, "train": cmd_train, "degradation": cmd_degradation}
+    cmds = {"info": cmd_info, "check": cmd_check, "train": cmd_train, "degradation": cmd_degradation,
+            "bench": cmd_bench}
     return cmds[args.cmd](args)
 
 

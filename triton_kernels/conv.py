@@ -35,8 +35,7 @@ def _dot(a, b, acc, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexp
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if ACC64:
-        # float64 has no tensor-core path everywhere: multiply-add in registers
-        acc += tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
     elif TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:

@@ -1,0 +1,555 @@
+"""Side-by-side benchmark runner: ``fusedres bench`` / ``python -m benchmarks.run``.
+
+In ONE process and on the same inputs it times, per case (model, mode, batch, resolution,
+dtype):
+
+* ``eager``          torchvision's model (or, for models torchvision lacks, the same fusedres
+                     model running its own torch.nn modules: ``fusedres.functional.unfused``)
+* ``compile``        ``torch.compile`` of that model (default mode)
+* ``compile-freeze`` inference only: inductor with ``freezing=True``
+* ``compile-max-autotune`` inference only, GPU only: ``mode="max-autotune"``
+* ``compile-cudagraphs``   latency rows (``--cuda-graphs``): ``mode="reduce-overhead"``
+* ``fusedres-<backend>``   every fusedres backend usable on the device
+
+Every provider starts from the same weights. Warm-up runs happen before timing and the
+first call (which includes compilation) is reported separately as ``first_call_s``; times
+are the median and [p20, p80] over many repetitions, with the input rotated over several
+buffers; CUDA times come from device events. Rows report images/s, the ratio to eager and
+to torch.compile, peak memory (training, CUDA), and achieved TFLOP/s against the ceilings
+measured by the runner itself (a large GEMM in the case dtype and a device copy).
+
+Results are written as JSON (``benchmarks/results/<device>-<date>.json`` by default) and
+printed as a table; ``fusedres bench --plot FILE`` renders speedup and memory charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Case:
+    model: str
+    mode: str  # "train" | "infer"
+    batch: int
+    resolution: int
+    dtype: str  # "float32" | "bfloat16" | "float16" (16-bit: autocast with fp32 weights)
+    cuda_graphs: bool = False
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    batch: int
+    resolution: int
+    dtype: str
+    provider: str
+    img_per_s: Optional[float] = None
+    ms_p50: Optional[float] = None
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    first_call_s: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    tflops: Optional[float] = None
+    frac_of_gemm_ceiling: Optional[float] = None
+    vs_eager: Optional[float] = None
+    vs_compile: Optional[float] = None
+    cuda_graphs: bool = False
+    reps: int = 0
+    error: Optional[str] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def _build_fused(name: str) -> nn.Module:
+    """A fusedres builder by name: ``resnet50``, ``resnext50_32x4d``, ... or a CIFAR net
+    ``resnet20`` / ``resnet56`` / ``resnet110`` (depth 6n+2, option-A shortcuts, 10 classes)."""
+    import fusedres
+
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) not in (18, 34, 50, 101, 152):
+        return fusedres.cifar_resnet(int(m.group(1)))
+    if name not in fusedres.models.__dict__ or name.startswith("_"):
+        raise SystemExit(f"unknown model {name!r}")
+    return getattr(fusedres.models, name)()
+
+
+def _torchvision_model(name: str, fused: nn.Module) -> Optional[nn.Module]:
+    from . import _torchvision
+
+    try:
+        mod = _torchvision.load_resnet_module()
+    except ImportError:
+        return None
+    if mod is None or not hasattr(mod, name):
+        return None
+    tv = getattr(mod, name)(num_classes=fused.fc.out_features)
+    tv.load_state_dict(fused.state_dict())
+    return tv
+
+
+class _Unfused(nn.Module):
+    """The fusedres model running its own torch.nn modules (the eager computation)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from .functional import unfused
+
+        with unfused():
+            return self.model(x)
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn: Callable[[int], None], device: torch.device, reps: int, min_time: float) -> List[float]:
+    """Milliseconds of each call of fn(i); at least ``reps`` calls and ``min_time`` seconds."""
+    out: List[float] = []
+    start = time.perf_counter()
+    i = 0
+    while i < reps or (time.perf_counter() - start) < min_time and i < reps * 20:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(i)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            out.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return out
+
+
+def _quantile(v: List[float], q: float) -> float:
+    s = sorted(v)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+    """Achievable GEMM TFLOP/s (in ``dtype``, fp32 on CPU) and copy GB/s on this device."""
+    if device.type == "cuda":
+        n, gemm_dt, nbytes = 8192, dtype, 1 << 30
+    else:
+        n, gemm_dt, nbytes = 1024, torch.float32, 1 << 27
+    a = torch.randn(n, n, device=device).to(gemm_dt)
+    b = torch.randn(n, n, device=device).to(gemm_dt)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    ms = statistics.median(_time_calls(lambda i: a @ b, device, 10, 0.5))
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    ms_copy = statistics.median(_time_calls(lambda i: dst.copy_(src), device, 10, 0.5))
+    return {
+        "gemm_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
+        "gemm_dtype": str(gemm_dt).replace("torch.", ""),
+        "gemm_n": n,
+        "copy_gb_s": 2 * nbytes / (ms_copy * 1e-3) / 1e9,
+        "copy_bytes": nbytes,
+    }
+
+
+def _flops(model: nn.Module, x: torch.Tensor, train: bool) -> Optional[float]:
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        m = copy.deepcopy(model).train(train)
+        with FlopCounterMode(display=False) as fc:
+            if train:
+                F.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).backward()
+            else:
+                with torch.no_grad():
+                    m(x)
+        return float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001  (a FLOP count is informative, never required)
+        return None
+
+
+# ------------------------------------------------------------------------------ runner
+
+
+def _providers(case: Case, device: torch.device, include: Optional[List[str]]) -> List[str]:
+    import fusedres
+
+    names = ["eager", "compile"]
+    if case.mode == "infer":
+        names.append("compile-freeze")
+        if device.type == "cuda":
+            names.append("compile-max-autotune")
+        if case.cuda_graphs and device.type == "cuda":
+            names.append("compile-cudagraphs")
+    for b, st in fusedres.available_backends().items():
+        if st.available and fusedres.backends._device_error(b, device) is None:
+            if b == "triton" and device.type != "cuda":
+                continue  # the interpreter is a correctness tool, not something to time
+            names.append(f"fusedres-{b}")
+    if include:
+        names = [n for n in names if any(n == p or n.startswith(p + "-") or n == "eager" for p in include)]
+    return names
+
+
+@contextlib.contextmanager
+def _inductor_freezing(on: bool):
+    import torch._inductor.config as cfg
+
+    prev = cfg.freezing
+    cfg.freezing = on
+    try:
+        yield
+    finally:
+        cfg.freezing = prev
+
+
+def _make_model(provider: str, fused: nn.Module, baseline: nn.Module, device) -> nn.Module:
+    import fusedres
+
+    if provider.startswith("fusedres-"):
+        return fusedres.set_backend(copy.deepcopy(fused), provider[len("fusedres-"):]).to(device)
+    return copy.deepcopy(baseline).to(device)
+
+
+def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inputs: int = 4,
+             include: Optional[List[str]] = None, progress=None, seed: int = 0) -> List[Row]:
+    torch.manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    train = case.mode == "train"
+    fused = _build_fused(case.model)
+    tv = _torchvision_model(case.model, fused)
+    baseline = tv if tv is not None else _Unfused(fused)
+    baseline_src = "torchvision" if tv is not None else "fusedres.unfused"
+    classes = fused.fc.out_features
+    cl = torch.channels_last
+    inputs = [
+        torch.randn(case.batch, 3, case.resolution, case.resolution, device=device).contiguous(memory_format=cl)
+        for _ in range(n_inputs)
+    ]
+    targets = [torch.randint(0, classes, (case.batch,), device=device) for _ in range(n_inputs)]
+    flops = _flops(baseline.to(device), inputs[0][:1], train)
+    flops = flops * case.batch if flops is not None else None
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    rows: List[Row] = []
+    for prov in _providers(case, device, include):
+        row = Row(case.model, case.mode, case.batch, case.resolution, case.dtype, prov, cuda_graphs=case.cuda_graphs)
+        row.extra["baseline"] = baseline_src
+        if progress is not None:
+            progress.set_postfix_str(f"{case.model} {case.mode} b{case.batch} {prov}")
+        try:
+            model = _make_model(prov, fused, baseline, device).to(memory_format=cl).train(train)
+            fn = model
+            freeze = prov == "compile-freeze"
+            if prov.startswith("compile"):
+                mode = {"compile-max-autotune": "max-autotune", "compile-cudagraphs": "reduce-overhead"}.get(prov)
+                torch._dynamo.reset()
+                fn = torch.compile(model, mode=mode)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
+
+            def step(i, fn=fn, model=model, opt=opt):
+                x, t = inputs[i % n_inputs], targets[i % n_inputs]
+                if train:
+                    with autocast:
+                        loss = F.cross_entropy(fn(x), t)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    with torch.no_grad(), autocast:
+                        fn(x)
+
+            graph_fn = None
+            with _inductor_freezing(freeze):
+                t0 = time.perf_counter()
+                step(0)
+                _sync(device)
+                row.first_call_s = time.perf_counter() - t0
+                for i in range(1, 3):
+                    step(i)
+                if case.cuda_graphs and device.type == "cuda" and not train and not prov.startswith("compile"):
+                    graph_fn = _cuda_graph(lambda x: fn(x), inputs[0], autocast)
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                timed = (lambda i: graph_fn(inputs[i % n_inputs])) if graph_fn is not None else step
+                ms = _time_calls(timed, device, reps, min_time)
+            row.reps = len(ms)
+            row.ms_p50 = statistics.median(ms)
+            row.ms_p20, row.ms_p80 = _quantile(ms, 0.2), _quantile(ms, 0.8)
+            row.img_per_s = case.batch / (row.ms_p50 * 1e-3)
+            if device.type == "cuda" and train:
+                row.peak_mem_bytes = int(torch.cuda.max_memory_allocated(device))
+            if flops is not None:
+                row.tflops = flops / (row.ms_p50 * 1e-3) / 1e12
+            del model, fn, opt
+        except Exception as e:  # noqa: BLE001  (one failing provider must not lose the others' rows)
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    eager = next((r for r in rows if r.provider == "eager" and r.ms_p50), None)
+    comp = next((r for r in rows if r.provider == ("compile-freeze" if case.mode == "infer" else "compile")
+                 and r.ms_p50), None)
+    for r in rows:
+        if r.ms_p50:
+            r.vs_eager = eager.ms_p50 / r.ms_p50 if eager else None
+            r.vs_compile = comp.ms_p50 / r.ms_p50 if comp else None
+    return rows
+
+
+def _cuda_graph(fn, example: torch.Tensor, autocast):
+    static_x = example.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad(), autocast:
+        for _ in range(3):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad(), autocast:
+        static_y = fn(static_x)
+
+    def run(x):
+        static_x.copy_(x)
+        g.replay()
+        return static_y
+
+    return run
+
+
+# ------------------------------------------------------------------------------ suites
+
+
+def default_cases(device: torch.device, quick: bool = False) -> List[Case]:
+    if device.type == "cuda":
+        cases = [
+            Case("resnet50", "train", 256, 224, "bfloat16"),
+            Case("resnet50", "infer", 256, 224, "bfloat16"),
+            Case("resnet50", "infer", 1, 224, "bfloat16", cuda_graphs=True),
+            Case("resnet18", "train", 128, 224, "bfloat16"),
+            Case("resnet56", "train", 128, 32, "bfloat16"),
+        ]
+        if quick:
+            cases = [Case("resnet50", "infer", 64, 224, "bfloat16"), Case("resnet56", "train", 128, 32, "bfloat16")]
+        return cases
+    cases = [Case("resnet50", "infer", 8, 224, "float32")]
+    if quick:
+        cases = [Case("resnet18", "infer", 2, 64, "float32"), Case("resnet20", "train", 8, 32, "float32")]
+    return cases
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    from . import __version__
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"torch": torch.__version__, "triton": tv, "fusedres": __version__}
+
+
+def run(cases: List[Case], device: torch.device, reps: int, min_time: float, include=None,
+        progress: bool = True) -> dict:
+    total = sum(len(_providers(c, device, include)) for c in cases)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="fusedres bench", unit="row")
+        except ImportError:
+            bar = None
+    ceilings = {}
+    for dt in sorted({c.dtype for c in cases}):
+        ceilings[dt] = measure_ceilings(device, DTYPES[dt])
+    rows: List[Row] = []
+    for c in cases:
+        for r in run_case(c, device, reps, min_time, include=include, progress=bar):
+            ceil = ceilings[c.dtype]["gemm_tflops"]
+            if r.tflops is not None and ceil:
+                r.frac_of_gemm_ceiling = r.tflops / ceil
+            rows.append(r)
+    if bar is not None:
+        bar.close()
+    return {
+        "device": device_name(device),
+        **_versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ceilings": ceilings,
+        "settings": {"reps": reps, "min_time_s": min_time, "tf32_conv": torch.backends.cudnn.allow_tf32,
+                     "threads": torch.get_num_threads()},
+        "cases": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict) -> str:
+    hdr = ["model", "mode", "batch", "res", "dtype", "provider", "img/s", "ms p50 [p20,p80]", "x eager", "x compile",
+           "peak MiB", "TFLOP/s"]
+    lines = []
+    for r in result["cases"]:
+        if r["error"]:
+            cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
+                     "error: " + r["error"][:60], "", "", "", "", ""]
+        else:
+            f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+            cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
+                     f(r["img_per_s"], ".1f"), f"{r['ms_p50']:.2f} [{r['ms_p20']:.2f},{r['ms_p80']:.2f}]",
+                     f(r["vs_eager"], ".2f"), f(r["vs_compile"], ".2f"),
+                     f(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None, ".0f"), f(r["tflops"], ".3g")]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
+    ceil = "; ".join(f"{k}: GEMM {v['gemm_tflops']:.1f} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
+                     for k, v in result["ceilings"].items())
+    return f"{result['device']} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n" + "\n".join(out)
+
+
+def plot(result: dict, out_png: str) -> List[str]:
+    """Speedup-vs-eager bars per case, and training peak memory bars; returns files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in result["cases"] if not r["error"] and r["vs_eager"]]
+    keyf = lambda r: f"{r['model']} {r['mode']}\nb{r['batch']} {r['resolution']}² {r['dtype']}"  # noqa: E731
+    keys = list(dict.fromkeys(keyf(r) for r in ok))
+    provs = list(dict.fromkeys(r["provider"] for r in ok))
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys) + 2), 4.5))
+    w = 0.8 / max(1, len(provs))
+    for j, p in enumerate(provs):
+        vals = [next((r["vs_eager"] for r in ok if keyf(r) == k and r["provider"] == p), 0) for k in keys]
+        ax.bar([i + j * w for i in range(len(keys))], vals, w, label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(keys))], keys, fontsize=8)
+    ax.set_ylabel("speed-up vs eager (median)")
+    ax.set_title(result["device"], fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    written.append(out_png)
+    mem = [r for r in ok if r["peak_mem_bytes"]]
+    if mem:
+        keys_m = list(dict.fromkeys(keyf(r) for r in mem))
+        provs_m = list(dict.fromkeys(r["provider"] for r in mem))
+        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys_m) + 2), 4.5))
+        w = 0.8 / max(1, len(provs_m))
+        for j, p in enumerate(provs_m):
+            vals = [next((r["peak_mem_bytes"] / 2**30 for r in mem if keyf(r) == k and r["provider"] == p), 0)
+                    for k in keys_m]
+            ax.bar([i + j * w for i in range(len(keys_m))], vals, w, label=p)
+        ax.set_xticks([i + w * (len(provs_m) - 1) / 2 for i in range(len(keys_m))], keys_m, fontsize=8)
+        ax.set_ylabel("training peak memory (GiB)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = re.sub(r"(\.png)?$", "-memory.png", out_png, count=1)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def default_output(result: dict, root: str = os.path.join("benchmarks", "results")) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()[:60]
+    day = result["date"][:10]
+    return os.path.join(root, f"{slug}-{day}.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--quick", action="store_true", help="small cases (a smoke run)")
+    p.add_argument("--case", action="append", default=[],
+                   help="MODEL:MODE:BATCH:RES:DTYPE[:graphs], e.g. resnet50:infer:8:224:float32 (repeatable)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset (eager is always kept), e.g. compile-freeze,fusedres-cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on CUDA, 10 on CPU)")
+    p.add_argument("--min-time", type=float, default=None, help="minimum timed seconds per row")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--plot", default=None, metavar="RESULTS_JSON",
+                   help="render PNG charts from a results file instead of running")
+    p.add_argument("--png", default=None, help="PNG path for --plot (default: next to the JSON)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_case(spec: str) -> Case:
+    parts = spec.split(":")
+    if len(parts) not in (5, 6) or parts[1] not in ("train", "infer") or parts[4] not in DTYPES:
+        raise SystemExit(f"--case {spec!r}: expected MODEL:train|infer:BATCH:RES:{'|'.join(DTYPES)}[:graphs]")
+    return Case(parts[0], parts[1], int(parts[2]), int(parts[3]), parts[4], len(parts) == 6 and parts[5] == "graphs")
+
+
+def main(args) -> int:
+    if args.plot:
+        with open(args.plot) as f:
+            result = json.load(f)
+        png = args.png or re.sub(r"\.json$", "", args.plot) + ".png"
+        for path in plot(result, png):
+            print("wrote", path)
+        return 0
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = [parse_case(s) for s in args.case] or default_cases(dev, args.quick)
+    reps = args.reps or (50 if dev.type == "cuda" else 10)
+    min_time = args.min_time if args.min_time is not None else (1.0 if dev.type == "cuda" else 0.0)
+    include = args.providers.split(",") if args.providers else None
+    result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress)
+    out = args.out or default_output(result)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(format_table(result))
+    print("wrote", out)
+    return 0 if not any(r["error"] for r in result["cases"]) else 1

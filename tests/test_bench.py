@@ -1,0 +1,64 @@
+"""The side-by-side benchmark runner on CPU: rows, ratios, JSON shape, table and plots (tiny
+cases: this checks the runner, it measures nothing worth keeping)."""
+
+import json
+
+import pytest
+import torch
+
+from fusedres import bench, cli
+
+DEV = torch.device("cpu")
+
+
+def _fused_providers():
+    import fusedres
+
+    return [f"fusedres-{b}" for b, st in fusedres.available_backends().items()
+            if st.available and b != "triton" and fusedres.backends._device_error(b, DEV) is None]
+
+
+def test_runner_rows_ratios_and_json(tmp_path):
+    cases = [bench.Case("resnet20", "train", 4, 16, "float32"), bench.Case("resnet18", "infer", 2, 32, "float32")]
+    res = bench.run(cases, DEV, reps=2, min_time=0.0, include=["eager"] + _fused_providers(), progress=False)
+    for key in ("device", "torch", "triton", "fusedres", "ceilings", "cases"):
+        assert key in res
+    assert res["ceilings"]["float32"]["gemm_tflops"] > 0 and res["ceilings"]["float32"]["copy_gb_s"] > 0
+    rows = res["cases"]
+    provs = {r["provider"] for r in rows}
+    assert "eager" in provs and set(_fused_providers()) <= provs
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
+        assert r["img_per_s"] == pytest.approx(r["batch"] / (r["ms_p50"] * 1e-3))
+        assert r["reps"] >= 2 and r["first_call_s"] > 0 and r["tflops"] > 0
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(r["vs_eager"] == pytest.approx(1.0) for r in eager)
+    assert {r["model"] for r in eager} == {"resnet20", "resnet18"}
+    table = bench.format_table(res)
+    assert "resnet20" in table and "x eager" in table
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps(res))
+    pngs = bench.plot(json.loads(out.read_text()), str(tmp_path / "r.png"))
+    assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in pngs)
+
+
+def test_compile_provider_and_cli(tmp_path):
+    out = tmp_path / "res.json"
+    rc = cli.main(["bench", "--case", "resnet20:infer:2:16:float32", "--providers", "compile-freeze",
+                   "--reps", "2", "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    provs = [r["provider"] for r in res["cases"]]
+    assert provs == ["eager", "compile-freeze"], provs
+    assert rc == 0, [r["error"] for r in res["cases"]]
+    row = res["cases"][1]
+    assert row["vs_compile"] == pytest.approx(1.0) and row["first_call_s"] > row["ms_p50"] / 1e3
+    assert cli.main(["bench", "--plot", str(out)]) == 0
+    assert (tmp_path / "res.png").exists()
+
+
+def test_bad_case_spec_is_a_clear_error():
+    with pytest.raises(SystemExit, match="MODEL:train"):
+        bench.parse_case("resnet50:fly:8:224:float32")
+    with pytest.raises(SystemExit, match="unknown model"):
+        bench._build_fused("resnet9000x")
