@@ -9,8 +9,8 @@ from ._version import __version__
 from . import ops  # registers the fusedres:: custom ops
 from . import functional, testing
 from .backends import BackendStatus, BackendUnavailableError, available_backends
-from .blocks import BasicBlock, Bottleneck, ConvBNAct, PadShortcut, PreActBasicBlock
-from .convert import ConversionReport, convert, set_backend
+from .blocks import BasicBlock, Bottleneck, ConvBNAct, PadShortcut, PreActBasicBlock, SyncBatchNorm2d
+from .convert import ConversionReport, convert, convert_sync_batchnorm, set_backend
 from .models import (
     CifarResNet,
     ResNet,
@@ -40,7 +40,9 @@ __all__ = [
     "PreActBasicBlock",
     "ConvBNAct",
     "PadShortcut",
+    "SyncBatchNorm2d",
     "convert",
+    "convert_sync_batchnorm",
     "set_backend",
     "ConversionReport",
     "functional",

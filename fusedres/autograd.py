@@ -22,7 +22,7 @@ backward recomputes them inside ``conv_wgrad`` and the BN backward primitives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -55,6 +55,8 @@ class ChainSpec:
     ds_factor: float
     relu_out: bool
     backend: str
+    # torch.distributed process group for synchronised batch statistics (None: local)
+    group: object = field(default=None, compare=False, hash=False)
 
 
 # Parameter layout passed to the Functions after (spec, x, residual, sample_scale):
@@ -64,11 +66,50 @@ class ChainSpec:
 UNIT = 5
 
 
-def _bn_back(dout, y, stats, out, relu, sample, backend):
-    """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU)."""
+def _sync_partials(part, group):
+    """Batch statistics across the ranks of ``group``: this rank's partials merged into one
+    (count, mean, M2) (in float64, the parallel form of the Chan merge), all-gathered;
+    bn_finalize then merges them in rank order. ``part`` unchanged when ``group`` is None."""
+    if group is None:
+        return part
+    import torch.distributed as dist
+
+    p = part.to(torch.float64)
+    n = p[:, 0].sum(0)
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    mean = (p[:, 0] * p[:, 1]).sum(0) / safe
+    m2 = (p[:, 2] + p[:, 0] * (p[:, 1] - mean).square()).sum(0)
+    local = torch.stack([n, mean, m2]).unsqueeze(0).to(part.dtype).contiguous()
+    bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(bufs, local, group=group)
+    return torch.cat(bufs)
+
+
+def _sync_sums(sg, sgx, m_local: int, group):
+    """(sum_g, sum_gx, M) over all ranks; the local values when ``group`` is None."""
+    if group is None:
+        return sg, sgx, m_local
+    import torch.distributed as dist
+
+    buf = torch.cat([sg, sgx, sg.new_full((1,), float(m_local))])
+    dist.all_reduce(buf, group=group)
+    c = sg.shape[0]
+    return buf[:c], buf[c : 2 * c], buf[2 * c]
+
+
+def _bn_back(dout, y, stats, out, relu, sample, backend, group=None):
+    """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU). With a process
+    group the normalisation is over all ranks (the input gradient uses the all-reduced sums)
+    while the returned parameter gradients stay this rank's (DDP averages them)."""
     mean, invstd, scale, shift = stats
     sg, sgx = ops.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample, backend)
-    dy = ops.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, sg, sgx, backend)
+    ag, agx = sg, sgx
+    if group is not None:
+        m_local = y.numel() // y.shape[1]
+        tg, tgx, m_all = _sync_sums(sg, sgx, m_local, group)
+        # bn_backward_apply divides by the local element count: rescale the global sums
+        ag, agx = tg * (m_local / m_all), tgx * (m_local / m_all)
+    dy = ops.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, backend)
     return dy, sgx, sg
 
 
@@ -86,6 +127,7 @@ class PostActBlock(torch.autograd.Function):
         for i, geom in enumerate(spec.convs):
             w, gamma, beta, rm, rv = params[UNIT * i : UNIT * (i + 1)]
             y, part = ops.conv_stats(h, w, s, t, pre_relu, *geom.args(), b)
+            part = _sync_partials(part, spec.group)
             st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i], spec.eps[i], b)
             ys.append(y)
             stats.append(st)
@@ -99,6 +141,7 @@ class PostActBlock(torch.autograd.Function):
         elif spec.shortcut == "project":
             w, gamma, beta, rm, rv = params[UNIT * n_units : UNIT * (n_units + 1)]
             y_ds, part = ops.conv_stats(x, w, None, None, False, *spec.ds_conv.args(), b)
+            part = _sync_partials(part, spec.group)
             ds_stats = ops.bn_finalize(part, gamma, beta, rm, rv, spec.ds_factor, spec.ds_eps, b)
             res, rs, rt = y_ds, ds_stats[2], ds_stats[3]
         out = ops.bn_add_act(ys[-1], stats[-1][2], stats[-1][3], res, rs, rt, sample_scale, spec.relu_out, b)
@@ -128,7 +171,8 @@ class PostActBlock(torch.autograd.Function):
         relu = spec.relu_out
 
         # Last BatchNorm, the add and the ReLU.
-        dy, sgx, sg = _bn_back(dout, ys[-1], stats[-1], out, relu, sample, b)
+        grp = spec.group
+        dy, sgx, sg = _bn_back(dout, ys[-1], stats[-1], out, relu, sample, b, grp)
         grads[UNIT * (n - 1) + 1] = _cast(sgx, params[UNIT * (n - 1) + 1])
         grads[UNIT * (n - 1) + 2] = _cast(sg, params[UNIT * (n - 1) + 2])
 
@@ -139,7 +183,7 @@ class PostActBlock(torch.autograd.Function):
         elif spec.shortcut == "project":
             k = UNIT * n
             w_ds, gamma_ds, beta_ds = params[k : k + 3]
-            dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b)
+            dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b, grp)
             grads[k + 1], grads[k + 2] = _cast(sgx_ds, gamma_ds), _cast(sg_ds, beta_ds)
             if need[4 + k]:
                 grads[k] = ops.conv_wgrad(dy_ds, x, None, None, False, list(w_ds.shape), *spec.ds_conv.args(), b)
@@ -182,8 +226,8 @@ class PostActBlock(torch.autograd.Function):
                 sg, sgx = ops.bn_backward_reduce(d, ys[i - 1], mean, invstd, scale, shift, None, True, None, b)
                 grads[UNIT * (i - 1) + 1] = _cast(sgx, params[UNIT * (i - 1) + 1])
                 grads[UNIT * (i - 1) + 2] = _cast(sg, params[UNIT * (i - 1) + 2])
-                m = d.numel() // d.shape[1]
-                pending = (d, i - 1, reference.bn_backward_coefs(mean, invstd, scale, sg, sgx, m))
+                tg, tgx, m = _sync_sums(sg, sgx, d.numel() // d.shape[1], grp)
+                pending = (d, i - 1, reference.bn_backward_coefs(mean, invstd, scale, tg, tgx, m))
             else:
                 dx = d
 
@@ -203,7 +247,8 @@ class PreActBlock(torch.autograd.Function):
         n_units = len(spec.convs)
         # unit i: bn_i precedes conv_i; bn_0 normalises the block input itself.
         w0, g0, b0, rm0, rv0 = params[:UNIT]
-        st = ops.bn_finalize(ops.batch_stats(x, b), g0, b0, rm0, rv0, spec.factors[0], spec.eps[0], b)
+        part0 = _sync_partials(ops.batch_stats(x, b), spec.group)
+        st = ops.bn_finalize(part0, g0, b0, rm0, rv0, spec.factors[0], spec.eps[0], b)
         stats = [st]
         ys = []
         h = x
@@ -211,6 +256,7 @@ class PreActBlock(torch.autograd.Function):
             w = params[UNIT * i]
             y, part = ops.conv_stats(h, w, st[2], st[3], True, *spec.convs[i].args(), b)
             _, gamma, beta, rm, rv = params[UNIT * (i + 1) : UNIT * (i + 2)]
+            part = _sync_partials(part, spec.group)
             st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i + 1], spec.eps[i + 1], b)
             ys.append(y)
             stats.append(st)
@@ -270,10 +316,30 @@ class PreActBlock(torch.autograd.Function):
                 if need[4 + k]:
                     grads[k] = ops.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
                 da = da + ops.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
-            dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b)
+            dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b, spec.group)
             grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
             grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])
         if need[1]:
             dx = dy + g if spec.shortcut == "identity" else dy
         d_res = g if spec.shortcut == "tensor" and need[2] else None
         return (None, dx, d_res, None, *grads)
+
+
+class SyncBatchNormFn(torch.autograd.Function):
+    """A standalone BatchNorm with batch statistics over the ranks of ``group`` (forward:
+    batch_stats, all-gather, bn_finalize, bn_add_act; backward: reduce, all-reduce, apply)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, running_mean, running_var, factor: float, eps: float, group, backend: str):
+        part = _sync_partials(ops.batch_stats(x, backend), group)
+        st = ops.bn_finalize(part, gamma, beta, running_mean, running_var, factor, eps, backend)
+        out = ops.bn_add_act(x, st[2], st[3], None, None, None, None, False, backend)
+        ctx.group, ctx.backend = group, backend
+        ctx.save_for_backward(x, gamma, *st)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gamma, *st = ctx.saved_tensors
+        dx, sgx, sg = _bn_back(dout, x, st, None, False, None, ctx.backend, ctx.group)
+        return dx, _cast(sgx, gamma), _cast(sg, gamma), None, None, None, None, None, None

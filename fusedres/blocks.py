@@ -41,6 +41,9 @@ class _FusedBlockMixin:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         self.drop_path = float(drop_path)
         self.residual = bool(residual)
+        # batch statistics across ranks (fusedres.convert_sync_batchnorm sets these)
+        self.sync_bn = False
+        self.process_group = None
 
     def _sample_scale(self, x: Tensor) -> Optional[Tensor]:
         """Stochastic depth (Huang et al. 2016): keep the residual branch of each sample with
@@ -55,6 +58,8 @@ class _FusedBlockMixin:
         s = f"backend={self.backend!r}"
         if self.drop_path:
             s += f", drop_path={self.drop_path}"
+        if self.sync_bn:
+            s += ", sync_bn=True"
         if not self.residual:
             s += ", residual=False"
         return s
@@ -109,6 +114,8 @@ class BasicBlock(_FusedBlockMixin, nn.Module):
             sample_scale=self._sample_scale(x),
             backend=self.backend,
             name=type(self).__name__,
+            sync_bn=self.sync_bn,
+            process_group=self.process_group,
         )
 
     extra_repr = _FusedBlockMixin._extra
@@ -164,6 +171,8 @@ class Bottleneck(_FusedBlockMixin, nn.Module):
             sample_scale=self._sample_scale(x),
             backend=self.backend,
             name=type(self).__name__,
+            sync_bn=self.sync_bn,
+            process_group=self.process_group,
         )
 
     extra_repr = _FusedBlockMixin._extra
@@ -223,6 +232,8 @@ class PreActBasicBlock(_FusedBlockMixin, nn.Module):
             sample_scale=self._sample_scale(x),
             backend=self.backend,
             name=type(self).__name__,
+            sync_bn=self.sync_bn,
+            process_group=self.process_group,
         )
 
     extra_repr = _FusedBlockMixin._extra
@@ -260,6 +271,7 @@ class ConvBNAct(nn.Module):
         self.bn = norm_layer(out_channels)
         self.act = bool(act)
         self.backend = backends.check_name(backend)
+        self.sync_bn, self.process_group = False, None
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: bool, backend: str = "auto") -> "ConvBNAct":
@@ -268,6 +280,7 @@ class ConvBNAct(nn.Module):
         nn.Module.__init__(self)
         self.conv, self.bn, self.act = conv, bn, bool(act)
         self.backend = backends.check_name(backend)
+        self.sync_bn, self.process_group = False, None
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -280,6 +293,8 @@ class ConvBNAct(nn.Module):
             relu=self.act,
             backend=self.backend,
             name=type(self).__name__,
+            sync_bn=self.sync_bn,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -302,3 +317,44 @@ class PadShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_planes}->{self.out_planes}, stride={self.stride}"
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics span the ranks of ``process_group``
+    (default: the world group), on CPU (gloo) and CUDA (NCCL); same parameters, buffers and
+    state_dict keys as ``nn.BatchNorm2d``. With one rank, or in evaluation, it is exactly
+    ``nn.BatchNorm2d``. Made by :func:`fusedres.convert_sync_batchnorm` for BatchNorms that
+    are not part of a fused block."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, backend: str = "auto", device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        self.backend = backends.check_name(backend)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, process_group=None, backend: str = "auto") -> "SyncBatchNorm2d":
+        """Wrap ``bn``'s tensors (shared, not copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update(bn.__dict__)  # parameters, buffers, hooks, training flag: shared
+        new.process_group = process_group
+        new.backend = backends.check_name(backend)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .autograd import SyncBatchNormFn
+        from .functional import _batch_stats, _bn_train_params, _running_update_factor, _sync_group
+
+        if x.dim() != 4:
+            raise ValueError(f"SyncBatchNorm2d: expected a 4-D input (N, C, H, W), got {x.dim()}-D")
+        if not _batch_stats(self):
+            return super().forward(x)
+        group = _sync_group(True, self.process_group, type(self).__name__)
+        if group is None:
+            return super().forward(x)
+        gamma, beta, rm, rv = _bn_train_params(self, x)
+        factor = _running_update_factor(self)
+        be = backends.resolve(self.backend, x.device)
+        return SyncBatchNormFn.apply(x, gamma, beta, rm, rv, factor, self.eps, group, be)

@@ -168,3 +168,39 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         if isinstance(getattr(m, "backend", None), str):
             m.backend = backend
     return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Synchronise BatchNorm statistics across the ranks of ``process_group`` (default: the
+    world group of ``torch.distributed``), in place; returns the model.
+
+    Fused blocks keep their modules and compute batch statistics over the whole batch of all
+    ranks (per-rank (count, mean, M2) partials all-gathered and merged; backward sums
+    all-reduced), equal to ``nn.SyncBatchNorm``, on CPU (gloo) and CUDA (NCCL); every other
+    ``BatchNorm2d`` (a stem's, say) becomes a :class:`fusedres.SyncBatchNorm2d` sharing its
+    tensors (same statistics, any device), other ``BatchNorm*d`` an ``nn.SyncBatchNorm``. The parameter
+    gradients stay per rank, as with ``nn.SyncBatchNorm``: wrap the model in
+    ``DistributedDataParallel`` to average them. Evaluation is unaffected.
+    """
+    from .blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, SyncBatchNorm2d
+
+    fused = (BasicBlock, Bottleneck, PreActBasicBlock, ConvBNAct)
+
+    def visit(m: nn.Module) -> nn.Module:
+        if isinstance(m, fused):
+            m.sync_bn, m.process_group = True, process_group
+            return m
+        if isinstance(m, SyncBatchNorm2d):
+            m.process_group = process_group
+            return m
+        if type(m) is nn.BatchNorm2d:
+            return SyncBatchNorm2d.from_batchnorm(m, process_group)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(m, process_group)
+        for name, child in list(m.named_children()):
+            new = visit(child)
+            if new is not child:
+                setattr(m, name, new)
+        return m
+
+    return visit(model)

@@ -287,6 +287,8 @@ def residual_block(
     sample_scale: Optional[Tensor] = None,
     backend: str = "auto",
     name: str = "fusedres block",
+    sync_bn: bool = False,
+    process_group=None,
 ) -> Tensor:
     """One fused residual block.
 
@@ -307,6 +309,11 @@ def residual_block(
     BatchNorm2d)`` (post-act) or ``Conv2d`` (pre-act, fed the pre-activated input)
     is fused as a projection; any other module is applied to x as is.
     x: (N, C, H, W); returns (N, K, P, Q) in x's dtype and memory format.
+
+    ``sync_bn``: in training, batch statistics are computed over the whole batch across the
+    ranks of ``process_group`` (default: the world group of ``torch.distributed``), like
+    ``nn.SyncBatchNorm``: each rank's (count, mean, M2) partials are all-gathered and
+    merged in rank order, and the BatchNorm backward sums are all-reduced.
     """
     if len(convs) != len(bns) or not convs:
         raise ValueError(f"{name}: need as many BatchNorms as convs (got {len(convs)} and {len(bns)})")
@@ -329,6 +336,11 @@ def residual_block(
     if why is None and getattr(_STATE, "unfused", False):
         why = "fusedres.functional.unfused() is active"
     if why is not None:
+        if sync_bn and _batch_stats(bns[0]):
+            raise NotImplementedError(
+                f"{name}: sync_bn=True but the block cannot be fused ({why}); convert its BatchNorms with "
+                "torch.nn.SyncBatchNorm.convert_sync_batchnorm instead"
+            )
         return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
 
     all_mods = list(convs) + list(bns) + [m for m in ds_mods if m is not None]
@@ -357,8 +369,10 @@ def residual_block(
         )
 
     if _batch_stats(bns[0]):
-        _check_batch(x, convs, preact)
-        return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
+        group = _sync_group(sync_bn, process_group, name)
+        if group is None:
+            _check_batch(x, convs, preact)
+        return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group)
     return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
 
 
@@ -373,7 +387,22 @@ def _wcast(conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
     return conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
 
 
-def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype):
+def _sync_group(sync_bn: bool, process_group, name: str):
+    """The process group to synchronise batch statistics over, or None for local statistics."""
+    if not sync_bn:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{name}: sync_bn=True needs torch.distributed to be initialised (dist.init_process_group) "
+            "before a training forward"
+        )
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group=None):
     factors = tuple(_running_update_factor(bn) for bn in bns)
     params: List[Optional[Tensor]] = []
     for conv, bn in zip(convs, bns):
@@ -398,6 +427,7 @@ def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, b
         ds_factor=float(ds_factor),
         relu_out=relu,
         backend=be,
+        group=group,
     )
     fn = PreActBlock if preact else PostActBlock
     if sample_scale is not None:
@@ -501,8 +531,11 @@ def conv_bn_act(
     residual: Optional[Tensor] = None,
     backend: str = "auto",
     name: str = "fusedres.conv_bn_act",
+    sync_bn: bool = False,
+    process_group=None,
 ) -> Tensor:
-    """Equivalent to ``act(bn(conv(x)) + residual)``; x: (N, C, H, W)."""
+    """Equivalent to ``act(bn(conv(x)) + residual)``; x: (N, C, H, W). ``sync_bn`` /
+    ``process_group`` as in :func:`residual_block`."""
     return residual_block(
         x,
         [conv],
@@ -512,4 +545,6 @@ def conv_bn_act(
         relu=relu,
         backend=backend,
         name=name,
+        sync_bn=sync_bn,
+        process_group=process_group,
     )
