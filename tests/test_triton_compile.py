@@ -60,15 +60,15 @@ SCRIPT = textwrap.dedent(
             blocks = big if dt == "bf16" and cap >= 90 else small
             wgb = wg if dt == "bf16" and cap >= 90 else small
             yield conv._conv_fwd_kernel, dt, dict(f, HAS_BIAS=False, HAS_RES=False, HAS_PRO=True, IN_RELU=True,
-                                                   RELU=False, STATS=True, **blocks)
+                                                   RELU=False, STATS=True, IS_1X1=False, **blocks)
             yield conv._conv_fwd_kernel, dt, dict(f, HAS_BIAS=True, HAS_RES=True, HAS_PRO=False, IN_RELU=False,
-                                                   RELU=True, STATS=False, **blocks)
+                                                   RELU=True, STATS=False, IS_1X1=True, **blocks)
             yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=True, **blocks)
             yield conv._conv_wgrad_kernel, dt, dict(f, HAS_PRO=True, IN_RELU=True, DY_PRO=True, **wgb)
         for dt in ("bf16", "fp32"):
             f = dict(ACC64=False, TF32=dt == "fp32", UPCAST=False)
             yield conv._conv_fwd_kernel, dt, dict(f, HAS_BIAS=False, HAS_RES=False, HAS_PRO=False, IN_RELU=True,
-                                                   RELU=False, STATS=False, **small)
+                                                   RELU=False, STATS=False, IS_1X1=False, **small)
             yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=False, **small)
             yield conv._conv_wgrad_kernel, dt, dict(f, HAS_PRO=False, IN_RELU=False, DY_PRO=False, **small)
         for dt in ("bf16", "fp32", "fp64"):

@@ -21,7 +21,7 @@ import triton
 # kind -> names of the kernel arguments that identify a problem for the tuning cache
 _KEYS: Dict[str, List[str]] = {
     "fwd": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h",
-            "HAS_BIAS", "HAS_RES", "HAS_PRO", "STATS", "TF32"],
+            "HAS_BIAS", "HAS_RES", "HAS_PRO", "STATS", "TF32", "IS_1X1"],
     "dgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "DY_PRO", "TF32"],
     "wgrad": ["N", "C", "H", "W", "K", "P", "Q", "R", "S", "CG", "stride_h", "dil_h", "N_SPLIT", "HAS_PRO", "DY_PRO", "TF32"],
 }

@@ -65,6 +65,33 @@ def _bn_apply(dh, yv, kg, mask_k, mask, scale_ptr, shift_ptr, coef_ptr, K, acc_t
 
 
 @triton.jit
+def _fwd_tile(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, x_row, inside, c0, g, CG, kk, mask_n, r, s,
+              sxc, swk, swc, swr, sws, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, ACC64: tl.constexpr,
+              TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One reduction step of the forward: input channels [c0, c0 + BLOCK_K) of tap (r, s)."""
+    acc_t = tl.float64 if ACC64 else tl.float32
+    cc = c0 + tl.arange(0, BLOCK_K)
+    mask_c = cc < CG
+    cg = (g * CG + cc).to(tl.int64)
+    a_mask = inside[:, None] & mask_c[None, :]
+    a = tl.load(x_ptr + x_row[:, None] + cg[None, :] * sxc, mask=a_mask, other=0.0)
+    if HAS_PRO:
+        sc = tl.load(in_scale_ptr + cg, mask=mask_c, other=0.0).to(acc_t)
+        sh = tl.load(in_shift_ptr + cg, mask=mask_c, other=0.0).to(acc_t)
+        h = a.to(acc_t) * sc[None, :] + sh[None, :]
+        if IN_RELU:
+            h = tl.maximum(h, 0.0)
+        # the padding of the convolution is applied after the previous BatchNorm
+        a = to_storage(tl.where(a_mask, h, 0.0), x_ptr.dtype.element_ty, UPCAST)
+    elif IN_RELU:
+        a = tl.maximum(a.to(acc_t), 0.0).to(x_ptr.dtype.element_ty)  # exact
+    b_mask = mask_c[:, None] & mask_n[None, :]
+    b = tl.load(w_ptr + kk[None, :] * swk + cc[:, None].to(tl.int64) * swc + r * swr + s * sws,
+                mask=b_mask, other=0.0)
+    return _dot(a, b, acc, ACC64, TF32, UPCAST)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, in_scale_ptr, in_shift_ptr, part_ptr,
     N, C, H, W, K, P, Q, R, S,
@@ -76,6 +103,7 @@ def _conv_fwd_kernel(
     CG, KG,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
     RELU: tl.constexpr, STATS: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+    IS_1X1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,36 +121,25 @@ def _conv_fwd_kernel(
     p = pq // Q
     q = pq % Q
     kk = (g * KG + rn).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
-    for rs in range(0, R * S):
-        r = rs // S
-        s = rs % S
-        ih = p * stride_h - pad_h + r * dil_h
-        iw = q * stride_w - pad_w + s * dil_w
-        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    if IS_1X1:
+        # 1x1, no padding: a plain GEMM over (strided) input pixels, no bounds per tap
+        x_row = n * sxn + (p * stride_h).to(tl.int64) * sxh + (q * stride_w).to(tl.int64) * sxw
         for c0 in range(0, CG, BLOCK_K):
-            cc = c0 + rk
-            mask_c = cc < CG
-            cg = (g * CG + cc).to(tl.int64)
-            a_mask = inside[:, None] & mask_c[None, :]
-            a = tl.load(x_ptr + x_row[:, None] + cg[None, :] * sxc, mask=a_mask, other=0.0)
-            if HAS_PRO:
-                sc = tl.load(in_scale_ptr + cg, mask=mask_c, other=0.0).to(acc_t)
-                sh = tl.load(in_shift_ptr + cg, mask=mask_c, other=0.0).to(acc_t)
-                h = a.to(acc_t) * sc[None, :] + sh[None, :]
-                if IN_RELU:
-                    h = tl.maximum(h, 0.0)
-                # the padding of the convolution is applied after the previous BatchNorm
-                a = to_storage(tl.where(a_mask, h, 0.0), x_ptr.dtype.element_ty, UPCAST)
-            elif IN_RELU:
-                a = tl.maximum(a.to(acc_t), 0.0).to(x_ptr.dtype.element_ty)  # exact
-            b_mask = mask_c[:, None] & mask_n[None, :]
-            b = tl.load(w_ptr + kk[None, :] * swk + cc[:, None].to(tl.int64) * swc + r * swr + s * sws,
-                        mask=b_mask, other=0.0)
-            acc = _dot(a, b, acc, ACC64, TF32, UPCAST)
+            acc = _fwd_tile(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, x_row, mask_m, c0, g, CG, kk, mask_n,
+                            0, 0, sxc, swk, swc, swr, sws, HAS_PRO, IN_RELU, ACC64, TF32, UPCAST, BLOCK_K)
+    else:
+        for rs in range(0, R * S):
+            r = rs // S
+            s = rs % S
+            ih = p * stride_h - pad_h + r * dil_h
+            iw = q * stride_w - pad_w + s * dil_w
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            for c0 in range(0, CG, BLOCK_K):
+                acc = _fwd_tile(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, x_row, inside, c0, g, CG, kk, mask_n,
+                                r, s, sxc, swk, swc, swr, sws, HAS_PRO, IN_RELU, ACC64, TF32, UPCAST, BLOCK_K)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     y = acc
@@ -341,6 +358,7 @@ def conv_forward(x, weight, bias, residual, in_scale, in_shift, in_relu, stride,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_PRO=in_scale is not None,
         IN_RELU=bool(in_relu), RELU=bool(relu), STATS=stats, ACC64=acc64, TF32=_tf32(x.dtype),
         UPCAST=_upcast(x.dtype),
+        IS_1X1=r == 1 and s == 1 and padding[0] == 0 and padding[1] == 0,
     )
     _config.launch("fwd", _conv_fwd_kernel, lambda bm, bn: (triton.cdiv(m, bm), triton.cdiv(kg, bn), groups),
                    args, flags, stats_m=m)
