@@ -14,3 +14,9 @@ def to_storage(v, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
         r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         v = r.to(tl.float32, bitcast=True)
     return v.to(dtype)
+
+
+@triton.jit
+def relu(v):
+    """max(v, 0) keeping NaN as NaN, like torch.relu (a plain max returns 0 for NaN on GPUs)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)

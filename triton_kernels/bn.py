@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import to_storage
+from ._common import relu, to_storage
 
 _BLOCK = 1024  # elements per program of the elementwise kernels (GPU)
 
@@ -73,7 +73,7 @@ def _bn_add_act_kernel(
             r = r * tl.load(rscale_ptr + c, mask=mask, other=0.0).to(acc_t) + tl.load(rshift_ptr + c, mask=mask, other=0.0).to(acc_t)
         z = z + r
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = relu(z)
     tl.store(out_ptr + idx, to_storage(z, out_ptr.dtype.element_ty, FIX_BF16), mask=mask)
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import to_storage
+from ._common import relu, to_storage
 
 
 @triton.jit
@@ -80,11 +80,11 @@ def _fwd_tile(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, x_row, inside, c0, 
         sh = tl.load(in_shift_ptr + cg, mask=mask_c, other=0.0).to(acc_t)
         h = a.to(acc_t) * sc[None, :] + sh[None, :]
         if IN_RELU:
-            h = tl.maximum(h, 0.0)
+            h = relu(h)
         # the padding of the convolution is applied after the previous BatchNorm
         a = to_storage(tl.where(a_mask, h, 0.0), x_ptr.dtype.element_ty, UPCAST)
     elif IN_RELU:
-        a = tl.maximum(a.to(acc_t), 0.0).to(x_ptr.dtype.element_ty)  # exact
+        a = relu(a.to(acc_t)).to(x_ptr.dtype.element_ty)  # exact
     b_mask = mask_c[:, None] & mask_n[None, :]
     b = tl.load(w_ptr + kk[None, :] * swk + cc[:, None].to(tl.int64) * swc + r * swr + s * sws,
                 mask=b_mask, other=0.0)
@@ -149,7 +149,7 @@ def _conv_fwd_kernel(
         res_off = n * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq
         y += tl.load(res_ptr + res_off[:, None] + kk[None, :] * srk, mask=out_mask, other=0.0).to(acc_t)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = relu(y)
     yq = to_storage(y, out_ptr.dtype.element_ty, UPCAST)
     out_off = n * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq
     tl.store(out_ptr + out_off[:, None] + kk[None, :] * sok, yq, mask=out_mask)
@@ -294,10 +294,10 @@ def _conv_wgrad_kernel(
         if HAS_PRO:
             hh = b.to(acc_t) * sc[None, :] + sh[None, :]
             if IN_RELU:
-                hh = tl.maximum(hh, 0.0)
+                hh = relu(hh)
             b = to_storage(tl.where(b_mask, hh, 0.0), x_ptr.dtype.element_ty, UPCAST)
         elif IN_RELU:
-            b = tl.maximum(b.to(acc_t), 0.0).to(x_ptr.dtype.element_ty)
+            b = relu(b.to(acc_t)).to(x_ptr.dtype.element_ty)
         acc = _dot(a, b, acc, ACC64, TF32, UPCAST)
 
     # partial sums [Z = groups*n_split, KG, J], fp32 (fp64 for fp64)
