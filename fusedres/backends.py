@@ -17,6 +17,7 @@ import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 
@@ -125,28 +126,51 @@ class CpuBackend(_ExtensionBackend):
             ok.append(torch.float16)
         return tuple(ok)
 
+    # oneDNN-blocked copies of inference weights, made once per (weight version, input
+    # shape, geometry); keyed weakly by the weight tensor, so a weight that is freed (e.g.
+    # a re-folded BatchNorm) takes its packed copies with it
+    _packed = WeakIdKeyDictionary()
+
+    @classmethod
+    def _prepacked(cls, weight, x, stride, padding, dilation, groups):
+        """The weight in oneDNN's blocked layout for this conv, or the weight itself where
+        packing does not apply (autograd needs the weight, or torch.compile is tracing)."""
+        if (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return weight
+        if weight.is_inference() or x.is_inference():
+            return weight  # inference tensors have no version counter to key the cache on
+        key = (weight._version, tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
+        per_weight = cls._packed.setdefault(weight, {})
+        packed = per_weight.get(key)
+        if packed is None:
+            per_weight.clear()  # a new version or input shape: drop the stale copies
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), list(padding), list(stride), list(dilation), groups, list(x.shape)
+            )
+            per_weight[key] = packed
+        return packed
+
     @classmethod
     def conv_bias_act(cls, x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu):
-        # oneDNN fuses bias, a residual add and ReLU after the conv; it has no input prologue and no fp64
+        # oneDNN fuses the bias and a residual add after the conv; it has no input prologue
+        # and no fp64. Its ReLU post-op turns NaN into 0, so ReLU runs as torch.relu_ after
+        # it, which keeps NaN as the reference does.
         if in_scale is not None or in_relu or x.dtype not in cls._onednn_dtypes() or weight.dtype != x.dtype:
             return reference.conv_bias_act(
                 x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
             )
         fmt = reference.memory_format(x)
+        x = x.contiguous(memory_format=fmt)
         b = None if bias is None else bias.to(x.dtype)
+        w = cls._prepacked(weight, x, stride, padding, dilation, groups)
         pw = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
-            y = pw(x, weight, b, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+            y = pw(x, w, b, padding, stride, dilation, groups, "none", [], "")
         else:
             r = residual.to(x.dtype).contiguous(memory_format=fmt)
-            # ATen's fallback for add+relu has no reduced-precision kernel: fuse the add only
-            fuse_relu = relu and x.dtype == torch.float32
-            y = pw.binary(
-                x.contiguous(memory_format=fmt), r, weight, b, padding, stride, dilation, groups, "add", 1.0,
-                "relu" if fuse_relu else None, [], "",
-            )
-            if relu and not fuse_relu:
-                y = y.relu_()
+            y = pw.binary(x, r, w, b, padding, stride, dilation, groups, "add", 1.0, None, [], "")
+        if relu:
+            y = y.relu_()
         return y.contiguous(memory_format=fmt)
 
     @classmethod

@@ -171,8 +171,10 @@ def merge_partials(partials: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         tot = n + nb
         safe = torch.where(tot > 0, tot, torch.ones_like(tot))
         delta = mb - mean
-        mean = torch.where(nb > 0, mean + delta * nb / safe, mean)
+        # the mean as a weighted sum rather than mean + delta*nb/n: the same in finite
+        # arithmetic, and +Inf stays +Inf when two tiles both average to +Inf (as a sum does)
         m2 = torch.where(nb > 0, m2 + m2b + delta * delta * n * nb / safe, m2)
+        mean = torch.where(nb > 0, (n * mean + nb * mb) / safe, mean)
         n = tot
     return n, mean, m2
 

@@ -232,8 +232,9 @@ def _bn_finalize_kernel(
         tot = n + nb
         safe = tl.where(tot > 0, tot, 1.0)
         delta = mb - mean
-        mean = tl.where(nb > 0, mean + delta * nb / safe, mean)
+        # weighted-sum mean: keeps +-Inf like a plain sum when tiles average to the same Inf
         m2 = tl.where(nb > 0, m2 + m2b + delta * delta * n * nb / safe, m2)
+        mean = tl.where(nb > 0, (n * mean + nb * mb) / safe, mean)
         n = tot
     # float scalars arrive as float32: each hyper-parameter is passed as a float32 pair
     momentum = tl.cast(mom_hi, tl.float64) + tl.cast(mom_lo, tl.float64)

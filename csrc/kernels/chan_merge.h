@@ -26,8 +26,10 @@ FUSEDRES_HD void finalize_channel(const BnFinalizeParams<S>& p, int64_t c) {
     if (nb <= 0.0) continue;
     const double tot = n + nb;
     const double delta = mb - mean;
-    mean += delta * nb / tot;
     m2 += m2b + delta * delta * n * nb / tot;
+    // weighted-sum mean (not mean + delta*nb/tot): equal in finite arithmetic, and keeps
+    // +-Inf like a plain sum when two tiles average to the same infinity
+    mean = (n * mean + nb * mb) / tot;
     n = tot;
   }
   const double inv = 1.0 / sqrt(m2 / n + p.eps);

@@ -1,0 +1,72 @@
+"""The cpu backend's inference convolutions use weights pre-packed into oneDNN's blocked
+layout, cached per weight version and input shape: results equal the reference, and the
+cache never serves a stale weight."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from fusedres.backends import CpuBackend
+from fusedres.testing import assert_close
+
+from helpers import randomise
+
+pytestmark = pytest.mark.skipif(
+    not fusedres.available_backends()["cpu"].available, reason="the C++ extension is not built"
+)
+
+
+def _pair(block):
+    model = randomise(block).eval()
+    ref = copy.deepcopy(model)
+    model.backend, ref.backend = "cpu", "reference"
+    return model, ref
+
+
+def _bottleneck():
+    ds = nn.Sequential(nn.Conv2d(12, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    return fusedres.Bottleneck(12, 4, 2, ds)
+
+
+@pytest.mark.parametrize("make", [lambda: fusedres.BasicBlock(6, 6), _bottleneck], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_prepacked_inference_matches_reference(make, channels_last):
+    model, ref = _pair(make())
+    CpuBackend._packed.clear()
+    for shape in [(2, 0, 9, 9), (3, 0, 9, 9), (2, 0, 9, 9), (1, 0, 6, 7)]:
+        x = torch.randn(shape[0], model.conv1.in_channels, *shape[2:])
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            got, want = model(x), ref(x)
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"output {list(x.shape)}")
+    assert len(CpuBackend._packed) > 0, "no weight was pre-packed: the packed path did not run"
+
+
+def test_weight_update_invalidates_the_packed_copy():
+    model, ref = _pair(fusedres.BasicBlock(6, 6))
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        for m in (model, ref):
+            m.conv2.weight.mul_(-2.0)  # in place: same tensor, new version
+            m.bn1.running_var.add_(1.0)
+        after, want = model(x), ref(x)
+    assert not torch.allclose(before, after)
+    assert_close(after, want, atol=1e-5, rtol=1e-5, name="output after the weight update")
+
+
+def test_no_packing_when_gradients_are_needed():
+    model, ref = _pair(fusedres.BasicBlock(6, 6))
+    CpuBackend._packed.clear()
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    out = model(x)  # eval mode, autograd on: weights stay differentiable
+    out.sum().backward()
+    assert len(CpuBackend._packed) == 0
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).sum().backward()
+    assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5, name="x.grad")
+    assert_close(model.conv1.weight.grad, ref.conv1.weight.grad, atol=1e-4, rtol=1e-4, name="conv1.weight.grad")
