@@ -1,0 +1,26 @@
+// Internal: the per-dtype CUTLASS instantiations behind the launchers of conv_cutlass.h, one
+// per .cu file (conv_{fprop,fprop_fused,dgrad,wgrad,wgrad_fused}_{f16,bf16}.cu) so that a
+// parallel build compiles them side by side. check_only: build the CUTLASS arguments and run
+// can_implement() on the host, launch nothing (no GPU needed).
+#pragma once
+
+#include "conv_cutlass.h"
+
+namespace fusedres {
+namespace cutlass_conv {
+
+#define FUSEDRES_CONV_DECLARE(name, Params)                                           \
+  ConvStatus name##_f16(const Params& p, cudaStream_t stream, bool check_only);       \
+  ConvStatus name##_bf16(const Params& p, cudaStream_t stream, bool check_only);
+
+FUSEDRES_CONV_DECLARE(fprop, ConvFpropParams)        // kFprop: broadcast epilogue
+FUSEDRES_CONV_DECLARE(fprop_fused, ConvFpropParams)  // kFpropPrologue: mainloop fusion
+FUSEDRES_CONV_DECLARE(dgrad, ConvDgradParams)
+// wgrad: float32 slices into p.workspace (the reduction to dw is conv_cutlass.cu's)
+FUSEDRES_CONV_DECLARE(wgrad, ConvWgradParams)
+FUSEDRES_CONV_DECLARE(wgrad_fused, ConvWgradParams)
+
+#undef FUSEDRES_CONV_DECLARE
+
+}  // namespace cutlass_conv
+}  // namespace fusedres
