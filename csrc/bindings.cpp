@@ -70,6 +70,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu_op(
   return {p.mean, p.invstd, p.scale, p.shift};
 }
 
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+at::Tensor batch_stats_cpu_op(const at::Tensor& x, int64_t tiles) {
+  constexpr const char* op = "fusedres_ext::batch_stats";
+  auto p = prepare_batch_stats(op, x, tiles);
+  if (p.c == 0) return p.partials;
+  const auto g = batch_stats_geom_cpu(p.n, p.c, p.hw, p.layout, p.tiles);
+  auto work = at::empty({g.work}, at::kDouble);
+  double* w = work.data_ptr<double>();
+  dispatch_storage<Half, BFloat16>(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    const auto k = params_of<S>(p);
+    const T* xp = cptr<T>(p.x);
+    // one block of rows per item; the merge reads every block of a channel in a fixed order
+    at::parallel_for(0, g.items, 1, [&](int64_t b, int64_t e) { batch_stats_blocks_cpu<T, S>(xp, k, w, b, e); });
+    at::parallel_for(0, p.c, 16, [&](int64_t b, int64_t e) { batch_stats_merge_cpu<S>(k, w, b, e); });
+  });
+  return p.partials;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu_op(const at::Tensor& dout, const at::Tensor& y,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             const at::Tensor& scale, const at::Tensor& shift,
+                                                             const std::optional<at::Tensor>& out, bool relu,
+                                                             const std::optional<at::Tensor>& sample_scale) {
+  constexpr const char* op = "fusedres_ext::bn_backward_reduce";
+  auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
+  auto opts = y.options().dtype(stat_type(y.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
+  auto sum_g = at::empty({p.c}, opts), sum_gx = at::empty({p.c}, opts);
+  if (p.c == 0) return {sum_g, sum_gx};
+  const auto g = bn_backward_reduce_geom_cpu(p.n, p.c, p.hw, p.layout);
+  auto work = at::empty({g.work}, at::kDouble);
+  double* w = work.data_ptr<double>();
+  dispatch_storage<Half, BFloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    auto k = params_of<S>(p, relu);
+    k.sum_g = sum_g.data_ptr<S>();
+    k.sum_gx = sum_gx.data_ptr<S>();
+    const T *d = cptr<T>(p.dout), *yp = cptr<T>(p.y), *o = cptr<T>(p.out);
+    at::parallel_for(0, g.items, 1,
+                     [&](int64_t b, int64_t e) { bn_backward_reduce_blocks_cpu<T, S>(d, yp, o, k, w, b, e); });
+    at::parallel_for(0, p.c, 16, [&](int64_t b, int64_t e) { bn_backward_reduce_merge_cpu<S>(k, w, b, e); });
+  });
+  return {sum_g, sum_gx};
+}
+
+at::Tensor bn_backward_apply_cpu_op(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
+                                    const std::optional<at::Tensor>& out, bool relu,
+                                    const std::optional<at::Tensor>& sample_scale, const at::Tensor& sum_g,
+                                    const at::Tensor& sum_gx) {
+  constexpr const char* op = "fusedres_ext::bn_backward_apply";
+  auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
+  const auto sg = vec_arg(op, "sum_g", sum_g, p.c, y), sgx = vec_arg(op, "sum_gx", sum_gx, p.c, y);
+  const auto fmt = layout_of(y);
+  auto dy = at::empty(y.sizes(), y.options().memory_format(fmt));
+  auto coefs = at::empty({3, p.c}, sg.options());
+  dispatch_storage<Half, BFloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    auto k = params_of<S>(p, relu);
+    bn_backward_coefs_cpu<S>(k, sg.data_ptr<S>(), sgx.data_ptr<S>(), coefs.data_ptr<S>());
+    k.coefs = coefs.data_ptr<S>();
+    const T *d = cptr<T>(p.dout), *yp = cptr<T>(p.y), *o = cptr<T>(p.out);
+    T* res = static_cast<T*>(dy.mutable_data_ptr());
+    const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
+    const int64_t row_len = std::max<int64_t>(1, bn_add_act_row_length(p.c, p.hw, p.layout));
+    const int64_t grain = std::max<int64_t>(1, 32768 / row_len);
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_backward_apply_cpu<T, S>(d, yp, o, res, k, b, e); });
+  });
+  return dy;
+}
+
+at::Tensor act_grad_cpu_op(const at::Tensor& dout, const at::Tensor& out) {
+  constexpr const char* op = "fusedres_ext::act_grad";
+  auto p = prepare_act_grad(op, dout, out);
+  dispatch_storage<Half, BFloat16>(dout.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    const T *d = cptr<T>(p.dout), *o = cptr<T>(p.out);
+    T* dx = static_cast<T*>(p.dx.mutable_data_ptr());
+    at::parallel_for(0, p.dx.numel(), 32768, [&](int64_t b, int64_t e) { act_grad_cpu<T>(d, o, dx, b, e); });
+  });
+  return p.dx;
+}
+
 }  // namespace
 }  // namespace fusedres
 
@@ -80,11 +170,23 @@ TORCH_LIBRARY(fusedres_ext, m) {
   m.def(
       "bn_finalize(Tensor partials, Tensor gamma, Tensor beta, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_stats(Tensor x, int tiles) -> Tensor");
+  m.def(
+      "bn_backward_reduce(Tensor dout, Tensor y, Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
+      "Tensor? out, bool relu, Tensor? sample_scale) -> (Tensor, Tensor)");
+  m.def(
+      "bn_backward_apply(Tensor dout, Tensor y, Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
+      "Tensor? out, bool relu, Tensor? sample_scale, Tensor sum_g, Tensor sum_gx) -> Tensor");
+  m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
   m.impl("bn_add_act", &fusedres::bn_add_act_cpu_op);
   m.impl("bn_finalize", &fusedres::bn_finalize_cpu_op);
+  m.impl("batch_stats", &fusedres::batch_stats_cpu_op);
+  m.impl("bn_backward_reduce", &fusedres::bn_backward_reduce_cpu_op);
+  m.impl("bn_backward_apply", &fusedres::bn_backward_apply_cpu_op);
+  m.impl("act_grad", &fusedres::act_grad_cpu_op);
 }
 
 // ------------------------------------------------------------------ Python module

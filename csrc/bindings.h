@@ -180,4 +180,155 @@ inline void write_back_running(const BnFinalizePrepared& p, const std::optional<
   if (!p.rv.is_same(*running_var)) running_var->copy_(p.rv);
 }
 
+// --------------------------------------------------------------- reductions, backward
+
+inline void check_storage(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  FUSEDRES_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, name,
+                     "must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// t must have ref's shape, dtype and device.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  FUSEDRES_CHECK_ARG(t.sizes() == ref.sizes(), op, name, "must have the same shape as ", ref_name, " (", ref.sizes(),
+                     "), got ", t.sizes());
+  FUSEDRES_CHECK_ARG(t.scalar_type() == ref.scalar_type(), op, name, "must have ", ref_name, "'s dtype (",
+                     ref.scalar_type(), "), got ", t.scalar_type());
+  FUSEDRES_CHECK_ARG(t.device() == ref.device(), op, name, "must be on ", ref.device(), ", got ", t.device());
+}
+
+struct BatchStatsPrepared {
+  at::Tensor x, partials;
+  Layout layout;
+  int64_t n, c, hw, tiles;
+};
+
+// partials [tiles, 3, C] in the statistics dtype (float32, float64 for float64 x).
+inline BatchStatsPrepared prepare_batch_stats(const char* op, const at::Tensor& x, int64_t tiles) {
+  FUSEDRES_CHECK_ARG(x.dim() == 4, op, "x", "must be 4-D (N, C, H, W), got shape ", x.sizes());
+  check_storage(op, "x", x);
+  FUSEDRES_CHECK_ARG(tiles >= 1, op, "tiles", "must be at least 1, got ", tiles);
+  BatchStatsPrepared p;
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.hw = x.size(2) * x.size(3);
+  p.tiles = tiles;
+  const auto fmt = layout_of(x);
+  p.layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
+  p.x = x.contiguous(fmt);
+  p.partials = at::empty({tiles, 3, p.c}, x.options().dtype(stat_type(x.scalar_type())));
+  return p;
+}
+
+template <typename S>
+BatchStatsParams<S> params_of(const BatchStatsPrepared& p) {
+  BatchStatsParams<S> k;
+  k.n = p.n;
+  k.c = p.c;
+  k.hw = p.hw;
+  k.layout = p.layout;
+  k.tiles = p.tiles;
+  k.partials = p.partials.data_ptr<S>();
+  return k;
+}
+
+struct BnBackwardPrepared {
+  at::Tensor dout, y, out, mean, invstd, scale, shift, sample_scale;
+  Layout layout;
+  int64_t n, c, hw;
+};
+
+// dout and out (when given) in y's layout; per-channel and per-sample vectors as vec_arg.
+// `out` is only kept when relu (it is only read for the ReLU mask).
+inline BnBackwardPrepared prepare_bn_backward(const char* op, const at::Tensor& dout, const at::Tensor& y,
+                                              const at::Tensor& mean, const at::Tensor& invstd,
+                                              const at::Tensor& scale, const at::Tensor& shift,
+                                              const std::optional<at::Tensor>& out, bool relu,
+                                              const std::optional<at::Tensor>& sample_scale) {
+  FUSEDRES_CHECK_ARG(y.dim() == 4, op, "y", "must be 4-D (N, C, H, W), got shape ", y.sizes());
+  check_storage(op, "y", y);
+  check_like(op, "dout", dout, "y", y);
+  BnBackwardPrepared p;
+  p.n = y.size(0);
+  p.c = y.size(1);
+  p.hw = y.size(2) * y.size(3);
+  const auto fmt = layout_of(y);
+  p.layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
+  p.y = y.contiguous(fmt);
+  p.dout = dout.contiguous(fmt);
+  if (out.has_value()) {
+    check_like(op, "out", *out, "y", y);
+    if (relu) p.out = out->contiguous(fmt);
+  }
+  p.mean = vec_arg(op, "mean", mean, p.c, y);
+  p.invstd = vec_arg(op, "invstd", invstd, p.c, y);
+  p.scale = vec_arg(op, "scale", scale, p.c, y);
+  p.shift = vec_arg(op, "shift", shift, p.c, y);
+  if (sample_scale.has_value()) p.sample_scale = vec_arg(op, "sample_scale", *sample_scale, p.n, y);
+  return p;
+}
+
+template <typename S>
+BnBackwardParams<S> params_of(const BnBackwardPrepared& p, bool relu) {
+  BnBackwardParams<S> k;
+  k.n = p.n;
+  k.c = p.c;
+  k.hw = p.hw;
+  k.layout = p.layout;
+  k.mean = p.mean.data_ptr<S>();
+  k.invstd = p.invstd.data_ptr<S>();
+  k.scale = p.scale.data_ptr<S>();
+  k.shift = p.shift.data_ptr<S>();
+  k.sample_scale = p.sample_scale.defined() ? p.sample_scale.data_ptr<S>() : nullptr;
+  k.relu = relu;
+  return k;
+}
+
+struct ActGradPrepared {
+  at::Tensor dout, out, dx;
+};
+
+// Any shape; dout's layout rule (channels_last when dout strictly is) for out and dx.
+inline ActGradPrepared prepare_act_grad(const char* op, const at::Tensor& dout, const at::Tensor& out) {
+  check_storage(op, "dout", dout);
+  check_like(op, "out", out, "dout", dout);
+  const auto fmt = layout_of(dout);
+  ActGradPrepared p;
+  p.dout = dout.contiguous(fmt);
+  p.out = out.contiguous(fmt);
+  p.dx = at::empty(dout.sizes(), dout.options().memory_format(fmt));
+  return p;
+}
+
+// Storage type T and compute type S of a (validated) dtype, as a tag for generic lambdas:
+// f(StorageTag<T, S>{}). Half16/BF16 name the 16-bit storage types of the caller's kernels.
+template <typename T_, typename S_>
+struct StorageTag {
+  using T = T_;
+  using S = S_;
+};
+
+template <typename Half16, typename BF16, typename F>
+void dispatch_storage(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat:
+      f(StorageTag<float, float>{});
+      break;
+    case at::kDouble:
+      f(StorageTag<double, double>{});
+      break;
+    case at::kHalf:
+      static_assert(sizeof(Half16) == sizeof(at::Half), "16-bit storage types share c10::Half's layout");
+      f(StorageTag<Half16, float>{});
+      break;
+    case at::kBFloat16:
+      static_assert(sizeof(BF16) == sizeof(at::BFloat16), "16-bit storage types share c10::BFloat16's layout");
+      f(StorageTag<BF16, float>{});
+      break;
+    default:
+      TORCH_CHECK(false, "fusedres: unsupported dtype ", dt);
+  }
+}
+
 }  // namespace fusedres

@@ -69,10 +69,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda_op(
   return {p.mean, p.invstd, p.scale, p.shift};
 }
 
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+// A device workspace from the caching allocator, ordered on the current stream.
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor batch_stats_cuda_op(const at::Tensor& x, int64_t tiles) {
+  constexpr const char* op = "fusedres_ext::batch_stats";
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto p = prepare_batch_stats(op, x, tiles);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_storage<__half, __nv_bfloat16>(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    const auto k = params_of<S>(p);
+    auto work = workspace(batch_stats_cuda_workspace<T, S>(k), x);
+    err = batch_stats_cuda<T, S>(cptr<T>(p.x), k, work.data_ptr(), stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return p.partials;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda_op(const at::Tensor& dout, const at::Tensor& y,
+                                                              const at::Tensor& mean, const at::Tensor& invstd,
+                                                              const at::Tensor& scale, const at::Tensor& shift,
+                                                              const std::optional<at::Tensor>& out, bool relu,
+                                                              const std::optional<at::Tensor>& sample_scale) {
+  constexpr const char* op = "fusedres_ext::bn_backward_reduce";
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
+  auto opts = y.options().dtype(stat_type(y.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
+  auto sum_g = at::empty({p.c}, opts), sum_gx = at::empty({p.c}, opts);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_storage<__half, __nv_bfloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    auto k = params_of<S>(p, relu);
+    k.sum_g = sum_g.data_ptr<S>();
+    k.sum_gx = sum_gx.data_ptr<S>();
+    auto work = workspace(bn_backward_reduce_cuda_workspace<T, S>(k), y);
+    err = bn_backward_reduce_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), cptr<T>(p.out), k, work.data_ptr(), stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return {sum_g, sum_gx};
+}
+
+at::Tensor bn_backward_apply_cuda_op(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
+                                     const std::optional<at::Tensor>& out, bool relu,
+                                     const std::optional<at::Tensor>& sample_scale, const at::Tensor& sum_g,
+                                     const at::Tensor& sum_gx) {
+  constexpr const char* op = "fusedres_ext::bn_backward_apply";
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
+  const auto sg = vec_arg(op, "sum_g", sum_g, p.c, y), sgx = vec_arg(op, "sum_gx", sum_gx, p.c, y);
+  auto dy = at::empty(y.sizes(), y.options().memory_format(layout_of(y)));
+  auto coefs = at::empty({3, p.c}, sg.options());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_storage<__half, __nv_bfloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    auto k = params_of<S>(p, relu);
+    err = bn_backward_coefs_cuda<S>(k, sg.data_ptr<S>(), sgx.data_ptr<S>(), coefs.data_ptr<S>(), stream);
+    if (err != cudaSuccess) return;
+    k.coefs = coefs.data_ptr<S>();
+    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), cptr<T>(p.out),
+                                       static_cast<T*>(dy.mutable_data_ptr()), k, stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return dy;
+}
+
+at::Tensor act_grad_cuda_op(const at::Tensor& dout, const at::Tensor& out) {
+  constexpr const char* op = "fusedres_ext::act_grad";
+  const c10::cuda::CUDAGuard guard(dout.device());
+  auto p = prepare_act_grad(op, dout, out);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_storage<__half, __nv_bfloat16>(dout.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    err = act_grad_cuda<T>(cptr<T>(p.dout), cptr<T>(p.out), static_cast<T*>(p.dx.mutable_data_ptr()),
+                           p.dx.numel(), stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return p.dx;
+}
+
 }  // namespace
 }  // namespace fusedres
 
 TORCH_LIBRARY_IMPL(fusedres_ext, CUDA, m) {
   m.impl("bn_add_act", &fusedres::bn_add_act_cuda_op);
   m.impl("bn_finalize", &fusedres::bn_finalize_cuda_op);
+  m.impl("batch_stats", &fusedres::batch_stats_cuda_op);
+  m.impl("bn_backward_reduce", &fusedres::bn_backward_reduce_cuda_op);
+  m.impl("bn_backward_apply", &fusedres::bn_backward_apply_cuda_op);
+  m.impl("act_grad", &fusedres::act_grad_cuda_op);
 }

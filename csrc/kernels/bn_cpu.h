@@ -37,4 +37,58 @@ void bn_finalize_cpu(const BnFinalizeParams<S>& p, int64_t c_begin, int64_t c_en
 template <typename S>
 double partials_min_count_cpu(const S* partials, int64_t tiles, int64_t c);
 
+// ------------------------------------------------------------------------- reductions
+// batch_stats and bn_backward_reduce run in two steps that a caller may parallelise:
+//   1. "blocks" over work items [0, items): each item reduces one block of rows (pixels) of
+//      one tile -- NHWC: all channels, NCHW: one channel -- into its own slot of a double
+//      workspace of `work` elements (caller-allocated);
+//   2. "merge" over channels: each channel's slots are merged in block order.
+// Blocks and items depend on the shape only, so results do not depend on how a caller
+// splits either step (or on its thread count).
+struct CpuReduceGeom {
+  int64_t rows = 1;      // rows per block
+  int64_t per_tile = 1;  // blocks per tile (the last ones of a short tile may be empty)
+  int64_t items = 0;     // step-1 work items
+  int64_t work = 0;      // workspace size in doubles
+};
+
+CpuReduceGeom batch_stats_geom_cpu(int64_t n, int64_t c, int64_t hw, Layout layout, int64_t tiles);
+
+// Step 1: items [item_begin, item_end) of batch_stats_geom_cpu; x in p.layout.
+template <typename T, typename S>
+void batch_stats_blocks_cpu(const T* x, const BatchStatsParams<S>& p, double* work, int64_t item_begin,
+                            int64_t item_end);
+
+// Step 2: writes p.partials for channels [c_begin, c_end).
+template <typename S>
+void batch_stats_merge_cpu(const BatchStatsParams<S>& p, const double* work, int64_t c_begin, int64_t c_end);
+
+CpuReduceGeom bn_backward_reduce_geom_cpu(int64_t n, int64_t c, int64_t hw, Layout layout);
+
+// Step 1 of bn_backward_reduce; out may be nullptr (mask from y*scale + shift).
+template <typename T, typename S>
+void bn_backward_reduce_blocks_cpu(const T* dout, const T* y, const T* out, const BnBackwardParams<S>& p,
+                                   double* work, int64_t item_begin, int64_t item_end);
+
+// Step 2: writes p.sum_g and p.sum_gx for channels [c_begin, c_end).
+template <typename S>
+void bn_backward_reduce_merge_cpu(const BnBackwardParams<S>& p, const double* work, int64_t c_begin,
+                                  int64_t c_end);
+
+// ----------------------------------------------------------------------- elementwise
+
+// coefs [3, C] = rows A, B, C of bn_backward_apply from the reduce's sums (C-sized work).
+template <typename S>
+void bn_backward_coefs_cpu(const BnBackwardParams<S>& p, const S* sum_g, const S* sum_gx, S* coefs);
+
+// dy = A*g + B*y + C over the rows [row_begin, row_end) of bn_add_act_rows (same row
+// definition as bn_add_act); reads p.coefs. out may be nullptr.
+template <typename T, typename S>
+void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, T* dy, const BnBackwardParams<S>& p,
+                           int64_t row_begin, int64_t row_end);
+
+// dx = out <= 0 ? 0 : dout over the flat elements [begin, end) (dout, out, dx in one layout).
+template <typename T>
+void act_grad_cpu(const T* dout, const T* out, T* dx, int64_t begin, int64_t end);
+
 }  // namespace fusedres

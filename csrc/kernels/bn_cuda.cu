@@ -13,37 +13,12 @@
 
 #include "bn_cuda.cuh"
 #include "chan_merge.h"
+#include "cuda_common.cuh"
 
 namespace fusedres {
 namespace {
 
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ static float to(float v) { return v; }
-  __device__ static float from(float v) { return v; }
-};
-template <>
-struct Cvt<double> {
-  __device__ static double to(double v) { return v; }
-  __device__ static double from(double v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ static float to(__half v) { return __half2float(v); }
-  __device__ static __half from(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename S>
-__device__ __forceinline__ S relu_nan(S z) {
-  return z <= S(0) ? S(0) : z;  // NaN <= 0 is false: NaN propagates like torch.relu (fmaxf would drop it)
-}
+using namespace cuda_detail;
 
 template <typename T, typename S>
 __device__ __forceinline__ T one(const T* y, const T* r, int64_t i, int64_t ch, int64_t n, const BnAddActParams<S>& p) {
@@ -80,9 +55,7 @@ __global__ void bn_add_act_scalar(const T* __restrict__ y, const T* __restrict__
 template <typename T, typename S, int V, bool Nhwc>
 __global__ void bn_add_act_vec(const T* __restrict__ y, const T* __restrict__ r, T* __restrict__ out,
                                BnAddActParams<S> p, int64_t total_vec) {
-  struct alignas(16) Pack {
-    T v[V];
-  };
+  using Pack = cuda_detail::Pack<T, V>;
   static_assert(sizeof(Pack) == 16, "a pack is one 16-byte access");
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total_vec; i += stride) {
@@ -122,11 +95,6 @@ __global__ void bn_finalize_kernel(BnFinalizeParams<S> p) {
   if (c < p.c) finalize_channel(p, c);
 }
 
-inline int grid_for(int64_t work, int threads) {
-  const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
-}
-
 }  // namespace
 
 template <typename T, typename S>
@@ -135,8 +103,7 @@ cudaError_t bn_add_act_cuda(const T* y, const T* residual, T* out, const BnAddAc
   const int64_t total = p.n * p.c * p.hw;
   if (total == 0) return cudaSuccess;
   constexpr int threads = 256;
-  const auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  const bool vec_ok = V > 1 && aligned(y) && aligned(residual) && aligned(out);
+  const bool vec_ok = V > 1 && aligned16(y) && aligned16(residual) && aligned16(out);
   if (vec_ok && p.layout == Layout::NHWC && p.c % V == 0) {
     const int64_t total_vec = total / V;
     bn_add_act_vec<T, S, V, true><<<grid_for(total_vec, threads), threads, 0, stream>>>(y, residual, out, p, total_vec);

@@ -1,9 +1,12 @@
 // CPU kernels vs the host reference: float/double/half/bfloat16 storage, both layouts,
 // odd channel counts, every residual mode, ReLU on and off, NaN propagation, split row
-// ranges, and bn_finalize vs a two-pass double computation (uneven and empty tiles).
+// ranges, bn_finalize vs a two-pass double computation (uneven and empty tiles),
+// batch_stats per tile, the backward reduce/apply with every mask and sample-scale
+// variant, and act_grad.
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <type_traits>
 
 #include "bn_cpu.h"
 #include "reference.h"
@@ -200,6 +203,186 @@ static int run_conversions() {
   return f.count;
 }
 
+// batch_stats vs a two-pass double computation per tile, the work split unevenly as a
+// parallel caller may split it; shapes that give several blocks per tile and empty tiles.
+template <typename T, typename S>
+static int run_batch_stats(int64_t N, int64_t C, int64_t HW, Layout layout, int64_t tiles, Rng& rng) {
+  const int64_t total = N * C * HW, M = N * HW;
+  auto xd = rng.normal(total, 2.0, 3.0);
+  std::vector<T> x(total);
+  for (int64_t i = 0; i < total; ++i) x[i] = to_t<T>(xd[i]);
+  std::vector<S> partials(tiles * 3 * C, S(-7));
+  BatchStatsParams<S> p;
+  p.n = N;
+  p.c = C;
+  p.hw = HW;
+  p.layout = layout;
+  p.tiles = tiles;
+  p.partials = partials.data();
+  const CpuReduceGeom g = batch_stats_geom_cpu(N, C, HW, layout, tiles);
+  std::vector<double> work(g.work, -1.0);
+  const int64_t cut = g.items / 3;
+  batch_stats_blocks_cpu<T, S>(x.data(), p, work.data(), cut, g.items);
+  batch_stats_blocks_cpu<T, S>(x.data(), p, work.data(), 0, cut);
+  batch_stats_merge_cpu<S>(p, work.data(), C / 2, C);
+  batch_stats_merge_cpu<S>(p, work.data(), 0, C / 2);
+  Failures f;
+  const double tol = sizeof(S) == 4 ? 2e-6 : 1e-12;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t b = stats_tile_begin(M, tiles, t), e = stats_tile_begin(M, tiles, t + 1);
+    for (int64_t c = 0; c < C; ++c) {
+      double mu = 0, ss = 0;
+      for (int64_t m = b; m < e; ++m) mu += to_d(x[offset(layout, m / HW, c, m % HW, C, HW)]);
+      mu /= double(e - b);
+      for (int64_t m = b; m < e; ++m) {
+        const double d = to_d(x[offset(layout, m / HW, c, m % HW, C, HW)]) - mu;
+        ss += d * d;
+      }
+      const S* pt = partials.data() + t * 3 * C;
+      f.check(double(pt[c]) == double(e - b), "batch_stats count", pt[c], double(e - b));
+      if (e > b) {
+        f.check(close(pt[C + c], mu, tol * 4), "batch_stats mean", pt[C + c], mu);
+        f.check(close(pt[2 * C + c], ss, tol), "batch_stats M2", pt[2 * C + c], ss);
+      } else {
+        f.check(std::isnan(double(pt[C + c])) && pt[2 * C + c] == S(0), "batch_stats empty tile", pt[C + c], NAN);
+      }
+    }
+  }
+  if (f.count)
+    std::printf("  in batch_stats<%zu-byte> N=%lld C=%lld HW=%lld %s tiles=%lld\n", sizeof(T), (long long)N,
+                (long long)C, (long long)HW, layout == Layout::NHWC ? "NHWC" : "NCHW", (long long)tiles);
+  return f.count;
+}
+
+// bn_backward_reduce and bn_backward_apply vs double sums. The ReLU mask is recomputed the
+// way the kernel does (in S, two roundings), the rest is in double.
+template <typename T, typename S>
+static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool relu, bool has_out, bool sample,
+                        Rng& rng) {
+  const int64_t total = N * C * HW, M = N * HW;
+  auto dd = rng.normal(total), yd = rng.normal(total, 0.3, 1.5), od = rng.normal(total);
+  std::vector<T> dout(total), y(total), out(total), dy(total);
+  for (int64_t i = 0; i < total; ++i) {
+    dout[i] = to_t<T>(dd[i]);
+    y[i] = to_t<T>(yd[i]);
+    out[i] = to_t<T>(i % 7 == 3 ? 0.0 : od[i]);  // exact zeros: dropped like threshold_backward
+  }
+  auto mu = rng.normal(C, 0.3, 0.2), iv = rng.normal(C, 1.0, 0.1), sc = rng.normal(C, 1.0, 0.5),
+       sh = rng.normal(C), k = rng.normal(N);
+  std::vector<S> muS(mu.begin(), mu.end()), ivS(iv.begin(), iv.end()), scS(sc.begin(), sc.end()),
+      shS(sh.begin(), sh.end()), kS(k.begin(), k.end()), sg(C), sgx(C), coefs(3 * C);
+  BnBackwardParams<S> p;
+  p.n = N;
+  p.c = C;
+  p.hw = HW;
+  p.layout = layout;
+  p.mean = muS.data();
+  p.invstd = ivS.data();
+  p.scale = scS.data();
+  p.shift = shS.data();
+  p.sample_scale = sample ? kS.data() : nullptr;
+  p.relu = relu;
+  p.sum_g = sg.data();
+  p.sum_gx = sgx.data();
+  const T* o = has_out ? out.data() : nullptr;
+  const CpuReduceGeom g = bn_backward_reduce_geom_cpu(N, C, HW, layout);
+  std::vector<double> work(g.work, -1.0);
+  const int64_t cut = (g.items + 1) / 2;
+  bn_backward_reduce_blocks_cpu<T, S>(dout.data(), y.data(), o, p, work.data(), cut, g.items);
+  bn_backward_reduce_blocks_cpu<T, S>(dout.data(), y.data(), o, p, work.data(), 0, cut);
+  bn_backward_reduce_merge_cpu<S>(p, work.data(), 0, C);
+  bn_backward_coefs_cpu<S>(p, sg.data(), sgx.data(), coefs.data());
+  p.coefs = coefs.data();
+  const int64_t rows = bn_add_act_rows(N, C, HW, layout);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, dy.data(), p, rows / 2, rows);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, dy.data(), p, 0, rows / 2);
+  Failures f;
+  const double tol = sizeof(S) == 4 ? 2e-6 : 1e-12;
+  std::vector<double> gref(total);
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0, mag_a = 0, mag_b = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t n = m / HW, i = offset(layout, n, c, m % HW, C, HW);
+      double gv = to_d(dout[i]);
+      if (relu) {
+        const S z = has_out ? S(to_d(out[i])) : S(to_d(y[i])) * scS[c] + shS[c];
+        if (z <= S(0)) gv = 0.0;
+      }
+      if (sample) gv *= double(kS[n]);
+      gref[i] = gv;
+      const double gx = gv * ((to_d(y[i]) - double(muS[c])) * double(ivS[c]));
+      a += gv;
+      b += gx;
+      mag_a += std::fabs(gv);
+      mag_b += std::fabs(gx);
+    }
+    f.check(std::fabs(sg[c] - a) <= tol * (1 + mag_a), "sum_g", sg[c], a);
+    f.check(std::fabs(sgx[c] - b) <= tol * (1 + mag_b), "sum_gx", sgx[c], b);
+    // apply, from the kernel's own sums (the coefficients are checked against the formula)
+    const double A = scS[c], B = -double(scS[c]) * ivS[c] * double(sgx[c]) / double(M);
+    const double Cc = -A * double(sg[c]) / double(M) - B * muS[c];
+    f.check(close(coefs[c], A, tol) && close(coefs[C + c], B, tol * 4) && close(coefs[2 * C + c], Cc, tol * 4),
+            "coefs", coefs[2 * C + c], Cc);
+    const double out_tol = sizeof(T) == 2 ? (std::is_same<T, Half>::value ? 1e-3 : 8e-3) : tol * 4;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t i = offset(layout, m / HW, c, m % HW, C, HW);
+      const double want = A * gref[i] + B * to_d(y[i]) + Cc;
+      const double mag = std::fabs(A * gref[i]) + std::fabs(B * to_d(y[i])) + std::fabs(Cc);
+      f.check(std::fabs(to_d(dy[i]) - want) <= out_tol * (mag + 1e-30), "dy", to_d(dy[i]), want);
+    }
+  }
+  if (f.count)
+    std::printf("  in bn_backward<%zu-byte> N=%lld C=%lld HW=%lld %s relu=%d out=%d sample=%d\n", sizeof(T),
+                (long long)N, (long long)C, (long long)HW, layout == Layout::NHWC ? "NHWC" : "NCHW", int(relu),
+                int(has_out), int(sample));
+  return f.count;
+}
+
+// NaN and Inf: a NaN gradient poisons only its channel's sums; a NaN ReLU input keeps the
+// gradient (threshold_backward); an Inf y under a dropped gradient still gives 0*Inf = NaN
+// in sum g*xhat, as the reference's g * xhat does.
+static int run_backward_specials() {
+  const int64_t N = 2, C = 3, HW = 4, total = N * C * HW;
+  std::vector<float> dout(total, 1.0f), y(total, 0.5f), out(total, 1.0f), dy(total);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  dout[offset(Layout::NCHW, 1, 0, 2, C, HW)] = nan;  // channel 0
+  out[offset(Layout::NCHW, 0, 1, 1, C, HW)] = nan;   // channel 1: mask keeps dout
+  y[offset(Layout::NCHW, 1, 2, 3, C, HW)] = inf;     // channel 2, gradient dropped below
+  out[offset(Layout::NCHW, 1, 2, 3, C, HW)] = 0.0f;
+  std::vector<float> mean(C, 0.5f), inv(C, 2.0f), sc(C, 1.0f), sh(C, 0.0f), sg(C), sgx(C), coefs(3 * C);
+  BnBackwardParams<float> p;
+  p.n = N;
+  p.c = C;
+  p.hw = HW;
+  p.mean = mean.data();
+  p.invstd = inv.data();
+  p.scale = sc.data();
+  p.shift = sh.data();
+  p.relu = true;
+  p.sum_g = sg.data();
+  p.sum_gx = sgx.data();
+  const CpuReduceGeom g = bn_backward_reduce_geom_cpu(N, C, HW, Layout::NCHW);
+  std::vector<double> work(g.work);
+  bn_backward_reduce_blocks_cpu<float, float>(dout.data(), y.data(), out.data(), p, work.data(), 0, g.items);
+  bn_backward_reduce_merge_cpu<float>(p, work.data(), 0, C);
+  Failures f;
+  f.check(std::isnan(sg[0]) && std::isnan(sgx[0]), "NaN dout poisons its channel", sg[0], nan);
+  f.check(sg[1] == float(N * HW) && sgx[1] == 0.0f, "NaN out keeps dout", sg[1], double(N * HW));
+  f.check(sg[2] == float(N * HW - 1) && std::isnan(sgx[2]), "0 * Inf xhat is NaN", sgx[2], nan);
+  // act_grad: out <= 0 (and -0) drops, NaN out keeps
+  const float o4[5] = {-1.0f, -0.0f, 0.0f, nan, 2.0f}, d4[5] = {1, 2, 3, 4, 5};
+  float r4[5];
+  act_grad_cpu<float>(d4, o4, r4, 0, 5);
+  f.check(r4[0] == 0 && r4[1] == 0 && r4[2] == 0 && r4[3] == 4 && r4[4] == 5, "act_grad", r4[3], 4);
+  const Half h_out[3] = {half_from_float(-0.5f), half_from_float(nan), half_from_float(3.0f)};
+  const Half h_d[3] = {half_from_float(7.0f), half_from_float(8.0f), half_from_float(9.0f)};
+  Half h_r[3];
+  act_grad_cpu<Half>(h_d, h_out, h_r, 0, 3);
+  f.check(h_r[0].bits == 0 && to_float(h_r[1]) == 8.0f && to_float(h_r[2]) == 9.0f, "act_grad half", to_float(h_r[1]),
+          8.0);
+  return f.count;
+}
+
 int main() {
   Rng rng;
   int fails = 0, cases = 0;
@@ -223,6 +406,37 @@ int main() {
     fails += run_finalize<double>(C, {2, 5}, false, rng) != 0;
     cases += 4;
   }
+  for (auto layout : {Layout::NCHW, Layout::NHWC}) {
+    // one tile (the reference layout); several blocks per tile (NCHW blocks are 32768 pixels,
+    // NHWC blocks 32768/C); uneven, single-row and empty tiles
+    for (int64_t tiles : {int64_t(1), int64_t(5), int64_t(45)}) {
+      fails += run_batch_stats<float, float>(3, 7, 15, layout, tiles, rng) != 0;
+      fails += run_batch_stats<double, double>(1, 5, 9, layout, tiles, rng) != 0;
+      fails += run_batch_stats<Half, float>(3, 13, 7, layout, tiles, rng) != 0;
+      fails += run_batch_stats<BFloat16, float>(2, 3, 11, layout, tiles, rng) != 0;
+      cases += 4;
+    }
+    fails += run_batch_stats<float, float>(3, 2, 11001, layout, 1, rng) != 0;
+    fails += run_batch_stats<float, float>(3, 7, 2003, layout, 2, rng) != 0;
+    fails += run_batch_stats<double, double>(2, 1, 20000, layout, 1, rng) != 0;
+    fails += run_batch_stats<float, float>(0, 3, 5, layout, 1, rng) != 0;  // empty batch: (0, NaN, 0)
+    cases += 4;
+    for (int64_t C : {1, 3, 13})
+      for (int flags = 0; flags < 8; ++flags) {
+        const bool relu = flags & 1, has_out = flags & 2, sample = flags & 4;
+        fails += run_backward<float, float>(3, C, 10, layout, relu, has_out, sample, rng) != 0;
+        fails += run_backward<double, double>(1, C, 9, layout, relu, has_out, sample, rng) != 0;
+        fails += run_backward<Half, float>(2, C, 5, layout, relu, has_out, sample, rng) != 0;
+        fails += run_backward<BFloat16, float>(3, C, 3, layout, relu, has_out, sample, rng) != 0;
+        cases += 4;
+      }
+    // several reduce blocks per channel
+    fails += run_backward<float, float>(2, 3, 17000, layout, true, false, true, rng) != 0;
+    fails += run_backward<float, float>(3, 9, 3001, layout, true, true, false, rng) != 0;
+    cases += 2;
+  }
+  fails += run_backward_specials() != 0;
+  ++cases;
   std::printf("test_bn_cpu: %d passed, %d failed\n", cases - fails, fails);
   return fails == 0 ? 0 : 1;
 }
