@@ -347,6 +347,17 @@ def residual_block(
     _check_devices(x, all_mods, name)
     conv_dtype = x.dtype
     ac = _autocast_dtype(x)
+    res_src = residual if residual is not None else (x if shortcut == "identity" and ds is None else None)
+    if ac is not None and res_src is not None and torch.promote_types(ac, res_src.dtype) != ac:
+        # As torch.nn under autocast: the main branch ends in the autocast dtype and the
+        # residual add promotes to the residual's wider dtype (a float32 block input), so
+        # the add and ReLU run outside the fused kernels, in that dtype.
+        main = residual_block(
+            x, convs, bns, preact=preact, shortcut="none", relu=False, sample_scale=sample_scale,
+            backend=backend, name=name, sync_bn=sync_bn, process_group=process_group,
+        )
+        out = main + res_src
+        return out.relu() if relu else out
     if ac is not None:
         conv_dtype = ac
         x = x.to(ac)
