@@ -15,6 +15,27 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
 ``torch.ops.fusedres_ext.bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)``
     partials: [T, 3, C] float32 (or float64) per-tile (count, mean, M2); returns
     (mean, invstd, scale, shift) in partials' dtype and updates the running statistics in place.
+
+``torch.ops.fusedres_ext.batch_stats(x, tiles)``
+    x: [N, C, H, W], any layout, the four dtypes of bn_add_act. Returns partials [tiles, 3, C]
+    in float32 (float64 for float64 x): tile t holds (count, mean, M2) of channel c over the
+    pixels [t*M//T + min(t, M%T), ...) of the M = N*H*W pixels in (n, h, w) order (the first
+    M % T tiles one pixel longer); tiles=1 is fusedres.reference's layout. An empty tile is
+    (0, NaN, 0). Deterministic (fixed-order block merge, no atomics).
+
+``torch.ops.fusedres_ext.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)``
+    -> (sum_g, sum_gx) [C] in the statistics dtype, with g = dout zeroed where the ReLU was
+    inactive (relu: out <= 0 when out is given, else y*scale + shift <= 0), times
+    sample_scale[n] when given, and xhat = (y - mean)*invstd. dout/out: y's shape and dtype;
+    vectors as for bn_add_act.
+
+``torch.ops.fusedres_ext.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx)``
+    -> dy = A*g + B*y + C in y's dtype and layout rule, A = scale, B = -scale*invstd*sum_gx/M,
+    C = -A*sum_g/M - B*mean (M = N*H*W), as fusedres.reference.bn_backward_apply.
+
+``torch.ops.fusedres_ext.act_grad(dout, out)``
+    -> dout where out > 0, else 0 (NaN out keeps dout); any shape, out in dout's dtype; the
+    result follows dout's layout rule.
 """
 
 from __future__ import annotations
@@ -111,5 +132,45 @@ def _register_fakes() -> None:
         )
         c = partials.shape[2]
         return tuple(partials.new_empty((c,)) for _ in range(4))
+
+    def _stat_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("fusedres_ext::batch_stats")
+    def _batch_stats_fake(x, tiles):
+        torch._check(x.dim() == 4, lambda: f"fusedres_ext::batch_stats: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        torch._check(tiles >= 1, lambda: f"fusedres_ext::batch_stats: tiles must be at least 1, got {tiles}")
+        return x.new_empty((tiles, 3, x.shape[1]), dtype=_stat_dtype(x.dtype))
+
+    def _check_backward(op, dout, y, out):
+        torch._check(y.dim() == 4, lambda: f"fusedres_ext::{op}: y must be 4-D (N, C, H, W), got {y.dim()}-D")
+        for name, t in (("dout", dout), ("out", out)):
+            if t is not None:
+                torch._check(
+                    t.shape == y.shape,
+                    lambda: f"fusedres_ext::{op}: {name} must have the same shape as y ({list(y.shape)}), "
+                    f"got {list(t.shape)}",
+                )
+
+    @torch.library.register_fake("fusedres_ext::bn_backward_reduce")
+    def _bn_backward_reduce_fake(dout, y, mean, invstd, scale, shift, out, relu, sample_scale):
+        _check_backward("bn_backward_reduce", dout, y, out)
+        c = y.shape[1]
+        sd = _stat_dtype(y.dtype)
+        return y.new_empty((c,), dtype=sd), y.new_empty((c,), dtype=sd)
+
+    @torch.library.register_fake("fusedres_ext::bn_backward_apply")
+    def _bn_backward_apply_fake(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
+        _check_backward("bn_backward_apply", dout, y, out)
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+
+    @torch.library.register_fake("fusedres_ext::act_grad")
+    def _act_grad_fake(dout, out):
+        torch._check(
+            out.shape == dout.shape,
+            lambda: f"fusedres_ext::act_grad: out must have the same shape as dout ({list(dout.shape)}), "
+            f"got {list(out.shape)}",
+        )
+        return torch.empty(dout.shape, dtype=dout.dtype, device=dout.device, memory_format=_memory_format(dout))
 
     _FAKES_REGISTERED = True

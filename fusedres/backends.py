@@ -81,7 +81,7 @@ class _ExtensionBackend(ReferenceBackend):
     """Shared plumbing of the backends implemented by the ``fusedres._C`` extension."""
 
     device_type = ""
-    native = ("bn_add_act", "bn_finalize")
+    native = ("bn_add_act", "bn_finalize", "batch_stats", "bn_backward_reduce", "bn_backward_apply", "act_grad")
     _DTYPES = (torch.float32, torch.float64)
 
     @classmethod
@@ -106,14 +106,54 @@ class _ExtensionBackend(ReferenceBackend):
             return reference.bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
         return cls._ops().bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
 
+    @classmethod
+    def batch_stats(cls, x):
+        if x.dtype not in cls._DTYPES:
+            return reference.batch_stats(x)
+        # as many tiles as this backend's conv_stats produces (ops' fake asks stats_tiles)
+        return cls._ops().batch_stats(x, cls.stats_tiles(x.shape))
+
+    @classmethod
+    def _native_backward(cls, dout, y, out, vectors) -> bool:
+        """The kernels cover these arguments: a storage dtype they are built for, dout/out in
+        y's dtype, every per-channel/per-sample vector in the statistics dtype (otherwise the
+        reference's type promotion decides the result dtype, so it runs instead)."""
+        sd = reference.stat_dtype(y.dtype)
+        return (
+            y.dtype in cls._DTYPES
+            and dout.dtype == y.dtype
+            and (out is None or out.dtype == y.dtype)
+            and all(v is None or v.dtype == sd for v in vectors)
+        )
+
+    @classmethod
+    def bn_backward_reduce(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale):
+        if not cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale)):
+            return reference.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
+        return cls._ops().bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
+
+    @classmethod
+    def bn_backward_apply(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
+        args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx)
+        if not cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale, sum_g, sum_gx)):
+            return reference.bn_backward_apply(*args)
+        return cls._ops().bn_backward_apply(*args)
+
+    @classmethod
+    def act_grad(cls, dout, out):
+        if dout.dtype not in cls._DTYPES or out.dtype != dout.dtype:
+            return reference.act_grad(dout, out)
+        return cls._ops().act_grad(dout, out)
+
 
 class CpuBackend(_ExtensionBackend):
     """C++ CPU kernels from ``fusedres._C``; inference convolutions as one oneDNN call with
-    the bias, residual add and ReLU as fused post-ops; other convolutions through ATen."""
+    the bias, residual add and ReLU as fused post-ops; other convolutions through ATen, the
+    training forward's statistics by the native batch_stats."""
 
     name = "cpu"
     device_type = "cpu"
-    native = ("bn_add_act", "bn_finalize", "conv_bias_act")
+    native = _ExtensionBackend.native + ("conv_bias_act", "conv_stats")
 
     @staticmethod
     def _onednn_dtypes() -> Tuple[torch.dtype, ...]:
@@ -172,6 +212,15 @@ class CpuBackend(_ExtensionBackend):
         if relu:
             y = y.relu_()
         return y.contiguous(memory_format=fmt)
+
+    @classmethod
+    def conv_stats(cls, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+        # the conv through ATen (oneDNN), its statistics from the native batch_stats: one
+        # pass over y instead of the reference's mean, subtract, square and sum
+        h = reference.prologue(x, in_scale, in_shift, in_relu)
+        y = torch.nn.functional.conv2d(h, weight, None, stride, padding, dilation, groups)
+        y = y.contiguous(memory_format=reference.memory_format(x))
+        return y, cls.batch_stats(y)
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:

@@ -1,5 +1,6 @@
 """The C++ extension's ops (torch.ops.fusedres_ext) called directly on CPU: results vs the
-formulas written in plain torch, layouts, errors that name the argument, and opcheck."""
+formulas written in plain torch or fusedres.reference (adversarial shapes, every layout and
+dtype, NaN/Inf), determinism across thread counts, errors that name the argument, opcheck."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fusedres import _ext
+from fusedres import _ext, reference
 
 _STATUS = _ext.status()
 if not _STATUS["loaded"]:
@@ -239,6 +240,274 @@ def test_bn_finalize_is_deterministic():
         assert all(torch.equal(u, v) for u, v in zip(first, again))
 
 
+# ------------------------------------------------------------------------------ batch_stats
+
+DTYPES4 = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SHAPES = [(1, 3, 5, 5), (3, 7, 4, 3), (3, 13, 2, 3), (2, 16, 4, 4), (1, 1, 1, 1)]
+
+
+def _dt_id(d):
+    return str(d)[6:]
+
+
+def _layout(t, fmt):
+    """t in layout fmt: "nchw", "nhwc", or "noncontig" (a transposed view, neither layout)."""
+    if fmt == "nchw":
+        return t.contiguous()
+    if fmt == "nhwc":
+        return t.contiguous(memory_format=CL)
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def _sum_close(got, want, terms, rel, name):
+    """Sums agree to `rel` of the sum of the magnitudes of their terms (cancellation-safe)."""
+    got, want, terms = got.double(), want.double(), terms.double()
+    bad = (got - want).abs() > rel * (terms + 1e-30)
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {bad.numel()} channels differ; worst at channel "
+        f"{int(((got - want).abs() / (terms + 1e-30)).argmax())}: got {got.tolist()}, want {want.tolist()}"
+    )
+
+
+def _stat_rel(dtype):
+    return 1e-12 if dtype == torch.float64 else 2e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES4, ids=_dt_id)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "noncontig"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_stats_matches_reference(dtype, fmt, shape):
+    x = _layout((torch.randn(shape) * 3 + 2).to(dtype), fmt)
+    got = ops.batch_stats(x, 1)
+    want = reference.batch_stats(x)
+    assert got.shape == want.shape == (1, 3, shape[1]) and got.dtype == want.dtype
+    assert torch.equal(got[0, 0], want[0, 0])
+    xf = x.to(want.dtype)
+    rel = _stat_rel(dtype)
+    _sum_close(got[0, 1], want[0, 1], xf.abs().mean(dim=(0, 2, 3)), rel, "mean")
+    _sum_close(got[0, 2], want[0, 2], (xf - want[0, 1].view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3)), rel, "M2")
+    # what bn_finalize makes of them: the reference's statistics to rounding
+    c = shape[1]
+    g, b = torch.rand(c, dtype=got.dtype) + 0.5, torch.randn(c, dtype=got.dtype)
+    for a, w in zip(reference.bn_finalize(got, g, b, None, None, 0.1, 1e-5),
+                    reference.bn_finalize(want, g, b, None, None, 0.1, 1e-5)):
+        torch.testing.assert_close(a, w, rtol=10 * rel, atol=10 * rel)
+
+
+def _tile_sizes(m, tiles):
+    return [m // tiles + (1 if t < m % tiles else 0) for t in range(tiles)]
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("tiles", [2, 5, 13, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dt_id)
+def test_batch_stats_tiles_split_the_pixels_evenly_in_nhw_order(fmt, tiles, dtype):
+    x = _layout(torch.randn(3, 5, 3, 4, dtype=dtype) + 1, fmt)  # 36 pixels: uneven and empty tiles
+    got = ops.batch_stats(x, tiles)
+    sizes = _tile_sizes(36, tiles)
+    want = _partials(x, sizes, dtype)
+    assert got.shape == (tiles, 3, 5) and got.dtype == dtype
+    empty = torch.tensor(sizes) == 0
+    assert torch.equal(got[:, 0], want[:, 0])
+    assert got[empty, 1].isnan().all() and (got[empty, 2] == 0).all()
+    rel = _stat_rel(dtype)
+    torch.testing.assert_close(got[~empty, 1:], want[~empty, 1:], rtol=rel, atol=rel)
+    mean, invstd, _, _, _ = _two_pass(x, torch.ones(5), torch.zeros(5), 1e-5)
+    fin = ops.bn_finalize(got.float(), torch.ones(5), torch.zeros(5), None, None, 0.1, 1e-5)
+    torch.testing.assert_close(fin[0].double(), mean, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(fin[1].double(), invstd, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_batch_stats_several_blocks_in_parallel_deterministic(fmt):
+    # 36300 pixels: more than one 32768-value block per channel in both layouts
+    x = _layout(torch.randn(3, 5, 110, 110) * 4 - 1, fmt)
+    want = reference.batch_stats(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.batch_stats(x, 1)
+        torch.set_num_threads(max(2, threads))
+        many = ops.batch_stats(x, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many), "batch_stats depends on the thread count"
+    assert torch.equal(many, ops.batch_stats(x, 1))
+    _sum_close(many[0, 1], want[0, 1], x.abs().mean(dim=(0, 2, 3)), 2e-6, "mean")
+    _sum_close(many[0, 2], want[0, 2], want[0, 2], 2e-6, "M2")
+
+
+def test_batch_stats_empty_batch_and_specials_like_reference():
+    for fmt in ("nchw", "nhwc"):
+        e = _layout(torch.randn(0, 3, 4, 4), fmt)
+        got, want = ops.batch_stats(e, 1), reference.batch_stats(e)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+        x = torch.randn(2, 4, 3, 3)
+        x[0, 0, 1, 1] = float("inf")  # channel 0: mean +Inf, M2 NaN
+        x[1, 1, 0, 2] = float("nan")  # channel 1: NaN
+        x[0, 2, 0, 0], x[1, 2, 2, 2] = float("inf"), -float("inf")  # channel 2: NaN
+        x = _layout(x, fmt)
+        got, want = ops.batch_stats(x, 1), reference.batch_stats(x)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin], want[fin])
+
+
+# -------------------------------------------------------------------- BatchNorm backward
+
+
+def _backward_case(shape, dtype, fmt, relu_mode, sample, seed=0):
+    """Arguments of bn_backward_reduce/apply as the training backward passes them: stats of y
+    from the reference finalize, out the block output (with exact zeros where ReLU clipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    sd = reference.stat_dtype(dtype)
+    y = _layout((torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype), fmt)
+    mean, invstd, scale, shift = reference.bn_finalize(
+        reference.batch_stats(y), torch.rand(c, generator=gen).to(sd) + 0.5,
+        torch.randn(c, generator=gen).to(sd), None, None, 0.1, 1e-5,
+    )
+    sample_scale = torch.tensor([0.0, 2.0, 0.5], dtype=sd)[:n] if sample else None
+    r = torch.randn(shape, generator=gen).to(dtype)
+    out = reference.bn_add_act(y, scale, shift, r, None, None, sample_scale, True) if relu_mode == "out" else None
+    # dout in another layout than y, or a strided view
+    dout = torch.randn(shape, generator=gen).to(dtype)
+    dout = dout.contiguous(memory_format=CL) if fmt == "nchw" else dout[:, :, :, :]
+    relu = relu_mode != "linear"
+    return dout, y, mean, invstd, scale, shift, out, relu, sample_scale
+
+
+def _terms(dout, y, mean, invstd, scale, shift, out, relu, sample_scale):
+    g = reference._masked_grad(dout, y, scale, shift, out, relu, sample_scale)
+    xhat = (y.to(g.dtype) - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    return g.abs().sum(dim=(0, 2, 3)), (g * xhat).abs().sum(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES4, ids=_dt_id)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "noncontig"])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+@pytest.mark.parametrize("relu_mode", ["out", "y", "linear"], ids=["relu-from-out", "relu-from-y", "linear"])
+@pytest.mark.parametrize("sample", [False, True], ids=["", "sample"])
+def test_bn_backward_reduce_and_apply_match_reference(dtype, fmt, shape, relu_mode, sample):
+    args = _backward_case(shape, dtype, fmt, relu_mode, sample)
+    sg, sgx = ops.bn_backward_reduce(*args)
+    wg, wgx = reference.bn_backward_reduce(*args)
+    assert sg.dtype == wg.dtype and sgx.dtype == wgx.dtype and sg.shape == (shape[1],)
+    tg, tgx = _terms(*args)
+    rel = _stat_rel(dtype)
+    _sum_close(sg, wg, tg, rel, "sum_g")
+    _sum_close(sgx, wgx, tgx, rel, "sum_gx")
+    # the apply from the same sums: one rounding of the same float32 (float64) arithmetic
+    dy = ops.bn_backward_apply(*args, wg, wgx)
+    want = reference.bn_backward_apply(*args, wg, wgx)
+    y = args[1]
+    assert dy.dtype == y.dtype and dy.shape == y.shape
+    assert dy.is_contiguous(memory_format=_expected_format(y))
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(dy, want, rtol=4 * rel, atol=4 * rel)
+    else:
+        torch.testing.assert_close(dy, want)
+
+
+def test_bn_backward_several_blocks_in_parallel_deterministic():
+    for fmt in ("nchw", "nhwc"):
+        args = _backward_case((3, 5, 110, 110), torch.float32, fmt, "y", True)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = ops.bn_backward_reduce(*args)
+            torch.set_num_threads(max(2, threads))
+            many = ops.bn_backward_reduce(*args)
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, many)), "reduce depends on the thread count"
+        want = reference.bn_backward_reduce(*args)
+        for got, w, t, name in zip(many, want, _terms(*args), ("sum_g", "sum_gx")):
+            _sum_close(got, w, t, 2e-6, name)
+        dy = ops.bn_backward_apply(*args, *want)
+        torch.testing.assert_close(dy, reference.bn_backward_apply(*args, *want), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_backward_specials_like_reference():
+    args = list(_backward_case((2, 4, 3, 3), torch.float32, "nchw", "out", False))
+    dout, y, out = args[0].clone(), args[1].clone(), args[6].clone()
+    dout[0, 0, 1, 1] = float("nan")  # channel 0: NaN sums
+    out[1, 1, 0, 0] = float("nan")  # channel 1: NaN out keeps dout
+    y[1, 2, 2, 2], out[1, 2, 2, 2] = float("inf"), 0.0  # channel 2: 0 * Inf xhat = NaN in sum_gx
+    args[0], args[1], args[6] = dout, y, out
+    got, want = ops.bn_backward_reduce(*args), reference.bn_backward_reduce(*args)
+    for a, w in zip(got, want):
+        assert torch.equal(a.isnan(), w.isnan()) and a.isnan().any()
+        torch.testing.assert_close(a.nan_to_num(), w.nan_to_num(), rtol=1e-5, atol=1e-5)
+    dy, wdy = ops.bn_backward_apply(*args, *want), reference.bn_backward_apply(*args, *want)
+    assert torch.equal(dy.isnan(), wdy.isnan()) and torch.equal(dy.isinf(), wdy.isinf())
+    torch.testing.assert_close(dy.nan_to_num(), wdy.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_backward_empty_batch():
+    args = list(_backward_case((2, 3, 4, 4), torch.float32, "nhwc", "y", False))
+    args[0], args[1] = args[0][:0], args[1][:0]
+    sg, sgx = ops.bn_backward_reduce(*args)
+    assert torch.equal(sg, torch.zeros(3)) and torch.equal(sgx, torch.zeros(3))
+    assert ops.bn_backward_apply(*args, sg, sgx).shape == (0, 3, 4, 4)
+
+
+# ------------------------------------------------------------------------------ act_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES4, ids=_dt_id)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "noncontig"])
+def test_act_grad_matches_reference_exactly(dtype, fmt):
+    out = torch.randn(3, 7, 5, 3)
+    out[0, :, 0, 0] = 0.0
+    out[1, :, 1, 1] = -0.0
+    out[2, 1, 2, 2] = float("nan")
+    out = _layout(out.relu().to(dtype), fmt)  # as a block output: >= 0, NaN kept
+    dout = torch.randn(3, 7, 5, 3).to(dtype)
+    dout[0, 0, 0, 1] = float("nan")
+    got, want = ops.act_grad(dout, out), reference.act_grad(dout, out)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=_expected_format(dout))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(got.signbit(), want.signbit())  # dropped gradients are +0
+
+
+def test_act_grad_any_shape_and_empty():
+    for shape in [(5,), (2, 3), (2, 3, 4, 5, 1), (0, 3, 2, 2)]:
+        out, dout = torch.randn(shape), torch.randn(shape)
+        assert torch.equal(ops.act_grad(dout, out), reference.act_grad(dout, out))
+
+
+# --------------------------------------------------------------------- backend wiring
+
+
+def test_cpu_backend_takes_the_native_ops_and_falls_back_on_other_dtypes():
+    from fusedres import backends
+
+    cpu = backends.get("cpu")
+    for name in ("batch_stats", "bn_backward_reduce", "bn_backward_apply", "act_grad"):
+        assert name in cpu.native
+    args = _backward_case((2, 5, 3, 3), torch.float32, "nhwc", "out", True)
+    sums = cpu.bn_backward_reduce(*args)
+    assert all(torch.equal(a, b) for a, b in zip(sums, ops.bn_backward_reduce(*args)))
+    assert torch.equal(cpu.bn_backward_apply(*args, *sums), ops.bn_backward_apply(*args, *sums))
+    x = args[1]
+    assert torch.equal(cpu.batch_stats(x), ops.batch_stats(x, cpu.stats_tiles(x.shape)))
+    # float64 vectors with a float32 y: the reference's type promotion decides (sum g*xhat in
+    # float64), so the reference runs
+    a64 = list(args)
+    a64[2:6] = [v.double() for v in args[2:6]]
+    got, want = cpu.bn_backward_reduce(*a64), reference.bn_backward_reduce(*a64)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32, torch.float64]
+    # conv_stats: the conv through ATen, its statistics natively
+    w = torch.randn(4, 5, 3, 3)
+    y, part = cpu.conv_stats(x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1)
+    yr, pr = reference.conv_stats(x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1)
+    assert y.is_contiguous(memory_format=CL) and torch.equal(y, yr)
+    assert torch.equal(part, ops.batch_stats(y, 1))
+    torch.testing.assert_close(part, pr, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -309,6 +578,62 @@ def test_bn_finalize_needs_two_values_per_channel_for_running_stats():
     assert mean[0] == 0.5 and torch.isclose(invstd[0], torch.tensor(1e-5).rsqrt())
 
 
+def _backward_args(**over):
+    y = torch.randn(2, 3, 4, 4)
+    args = dict(dout=torch.randn(2, 3, 4, 4), y=y, mean=torch.randn(3), invstd=torch.rand(3), scale=torch.randn(3),
+                shift=torch.randn(3), out=None, relu=True, sample_scale=None)
+    args.update(over)
+    return args
+
+
+_BACKWARD_ERRORS = [
+    ({"y": torch.randn(2, 3, 4)}, r"y must be 4-D \(N, C, H, W\), got shape \[2, 3, 4\]"),
+    ({"y": torch.ones(2, 3, 4, 4, dtype=torch.long)}, "y must be float32, float64, float16 or bfloat16, got Long"),
+    ({"dout": torch.randn(2, 3, 4, 5)}, r"dout must have the same shape as y \(\[2, 3, 4, 4\]\), got \[2, 3, 4, 5\]"),
+    ({"dout": torch.randn(2, 3, 4, 4).double()}, r"dout must have y's dtype \(Float\), got Double"),
+    ({"out": torch.randn(2, 3, 4, 4).half()}, r"out must have y's dtype \(Float\), got Half"),
+    ({"out": torch.randn(1, 3, 4, 4)}, r"out must have the same shape as y"),
+    ({"mean": torch.randn(4)}, r"mean must be a 1-D tensor of 3 elements, got shape \[4\]"),
+    ({"invstd": torch.randn(3).double()}, "invstd must be Float, got Double"),
+    ({"scale": torch.randn(3, 1)}, r"scale must be a 1-D tensor of 3 elements"),
+    ({"shift": torch.randn(3).bfloat16()}, "shift must be Float, got BFloat16"),
+    ({"sample_scale": torch.randn(3)}, r"sample_scale must be a 1-D tensor of 2 elements, got shape \[3\]"),
+]
+
+
+@pytest.mark.parametrize("over,match", _BACKWARD_ERRORS)
+def test_bn_backward_errors_name_the_argument(over, match):
+    with pytest.raises(RuntimeError, match="bn_backward_reduce: " + match):
+        ops.bn_backward_reduce(**_backward_args(**over))
+    with pytest.raises(RuntimeError, match="bn_backward_apply: " + match):
+        ops.bn_backward_apply(**_backward_args(**over), sum_g=torch.randn(3), sum_gx=torch.randn(3))
+
+
+def test_bn_backward_apply_errors_name_the_sums():
+    for over, match in [
+        ({"sum_g": torch.randn(2)}, r"bn_backward_apply: sum_g must be a 1-D tensor of 3 elements, got shape \[2\]"),
+        ({"sum_gx": torch.randn(3).double()}, "bn_backward_apply: sum_gx must be Float, got Double"),
+    ]:
+        sums = dict(sum_g=torch.randn(3), sum_gx=torch.randn(3))
+        sums.update(over)
+        with pytest.raises(RuntimeError, match=match):
+            ops.bn_backward_apply(**_backward_args(), **sums)
+
+
+def test_batch_stats_and_act_grad_errors_name_the_argument():
+    cases = [
+        (lambda: ops.batch_stats(torch.randn(2, 3, 4), 1), r"batch_stats: x must be 4-D \(N, C, H, W\), got shape \[2, 3, 4\]"),
+        (lambda: ops.batch_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32), 1), "batch_stats: x must be float32, float64, float16 or bfloat16, got Int"),
+        (lambda: ops.batch_stats(torch.randn(2, 3, 4, 4), 0), "batch_stats: tiles must be at least 1, got 0"),
+        (lambda: ops.act_grad(torch.randn(2, 3), torch.randn(3, 2)), r"act_grad: out must have the same shape as dout \(\[2, 3\]\), got \[3, 2\]"),
+        (lambda: ops.act_grad(torch.randn(2, 3), torch.randn(2, 3).double()), r"act_grad: out must have dout's dtype \(Float\), got Double"),
+        (lambda: ops.act_grad(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)), "act_grad: dout must be float32, float64, float16 or bfloat16, got Long"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fn()
+
+
 # ------------------------------------------------------------------------------ opcheck
 
 
@@ -331,6 +656,25 @@ def test_opcheck_bn_finalize():
     v = lambda: torch.rand(5) + 0.5  # noqa: E731
     torch.library.opcheck(ops.bn_finalize, (p, v(), v(), torch.zeros(5), torch.ones(5), 0.1, 1e-5))
     torch.library.opcheck(ops.bn_finalize, (p, v(), v(), None, None, 0.1, 1e-5))
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_opcheck_batch_stats_and_act_grad(fmt):
+    x = _layout(torch.randn(2, 5, 3, 3), fmt)
+    torch.library.opcheck(ops.batch_stats, (x, 1))
+    torch.library.opcheck(ops.batch_stats, (x.double(), 4))
+    torch.library.opcheck(ops.act_grad, (torch.randn(2, 5, 3, 3), x))
+    torch.library.opcheck(ops.act_grad, (_layout(torch.randn(2, 5, 3, 3), fmt).bfloat16(), x.bfloat16()))
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("relu_mode", ["out", "y", "linear"])
+def test_opcheck_bn_backward(fmt, relu_mode):
+    for dtype, sample in ((torch.float32, True), (torch.float64, False)):
+        args = _backward_case((2, 5, 3, 3), dtype, fmt, relu_mode, sample)
+        torch.library.opcheck(ops.bn_backward_reduce, args)
+        sums = reference.bn_backward_reduce(*args)
+        torch.library.opcheck(ops.bn_backward_apply, (*args, *sums))
 
 
 # ------------------------------------------------------------------------------ loader
