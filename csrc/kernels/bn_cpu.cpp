@@ -155,7 +155,9 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 CpuReduceGeom reduce_geom(int64_t n, int64_t c, int64_t hw, Layout layout, int64_t tiles, int64_t slot) {
   CpuReduceGeom g;
   const int64_t m = n * hw;
-  g.rows = layout == Layout::NHWC ? std::max<int64_t>(1, kItemValues / std::max<int64_t>(c, 1)) : kItemValues;
+  // NHWC blocks hold whole pixels; at least 64 of them, so that wide layers (C in the
+  // thousands) do not need a workspace slot for every few rows
+  g.rows = layout == Layout::NHWC ? std::max<int64_t>(64, kItemValues / std::max<int64_t>(c, 1)) : kItemValues;
   g.per_tile = std::max<int64_t>(1, cdiv(cdiv(m, tiles), g.rows));
   const int64_t blocks = tiles * g.per_tile;
   g.items = layout == Layout::NHWC ? blocks : blocks * c;
@@ -512,7 +514,10 @@ template <typename T>
 void act_grad_cpu(const T* dout, const T* out, T* dx, int64_t begin, int64_t end) {
   using Cmp = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const T zero{};  // +0 for every storage type
-  for (int64_t i = begin; i < end; ++i) dx[i] = ld<Cmp>(out[i]) <= Cmp(0) ? zero : dout[i];
+  for (int64_t i = begin; i < end; ++i) {
+    const T d = dout[i];  // read unconditionally: the select then vectorises
+    dx[i] = ld<Cmp>(out[i]) <= Cmp(0) ? zero : d;
+  }
 }
 
 #define FUSEDRES_BN_REDUCE_CPU(T, S)                                                                       \
