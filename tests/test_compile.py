@@ -35,3 +35,37 @@ def test_compiled_block_fullgraph_matches_eager(train, compile_backend):
             assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, name=n)
         for (n, b), (_, c) in zip(comp_mod.named_buffers(), eager.named_buffers()):
             assert_close(b, c, atol=1e-6, rtol=1e-6, name=n)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_whole_resnet50_compiles_fullgraph(train):
+    # aot_eager traces forward and backward through every fused op exactly as inductor
+    # does, without inductor's (slow on CPU) code generation for a model of this size
+    torch._dynamo.reset()
+    eager = fusedres.resnet50(num_classes=10).train(train)
+    comp_mod = copy.deepcopy(eager)
+    compiled = torch.compile(comp_mod, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    ye, yc = eager(x), compiled(x)
+    assert_close(yc, ye, atol=1e-4, rtol=1e-4, name="out")
+    if train:
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        for (n, p), (_, q) in zip(comp_mod.named_parameters(), eager.named_parameters()):
+            assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, name=n)
+        for (n, b), (_, c) in zip(comp_mod.named_buffers(), eager.named_buffers()):
+            assert_close(b, c, atol=1e-5, rtol=1e-5, name=n)
+
+
+def test_export_eval_resnet50():
+    model = fusedres.resnet50(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(model, (x,))
+    fused_ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "fusedres" in str(n.target)}
+    assert fused_ops, "the exported graph holds no fusedres op: the blocks were not exported fused"
+    with torch.no_grad():
+        want = model(x)
+        got = ep.module()(x)
+        x2 = torch.randn(2, 3, 32, 32)
+        assert_close(ep.module()(x2), model(x2), atol=1e-5, rtol=1e-5, name="out (new input)")
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="out")
