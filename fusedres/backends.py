@@ -148,11 +148,14 @@ class _ExtensionBackend(ReferenceBackend):
 
 class CpuBackend(_ExtensionBackend):
     """C++ CPU kernels from ``fusedres._C``; inference convolutions as one oneDNN call with
-    the bias, residual add and ReLU as fused post-ops; other convolutions through ATen, the
+    pre-packed weights and the bias and residual add as fused post-ops (ReLU after it, so
+    NaN stays NaN); other convolutions through ATen, the
     training forward's statistics by the native batch_stats."""
 
     name = "cpu"
     device_type = "cpu"
+    # the C++ CPU kernels store 16-bit types and compute in float32, like the reference
+    _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     native = _ExtensionBackend.native + ("conv_bias_act", "conv_stats")
 
     @staticmethod
