@@ -120,3 +120,30 @@ def test_resnet18_training_20_steps_matches_torch(backend):
     err_ours = (ours - exact).abs().max().item()
     err_theirs = (theirs - exact).abs().max().item()
     assert err_ours <= 2 * err_theirs + 0.05, (err_ours, err_theirs)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_more_than_2_31_elements_on_gpu(backend):
+    # N*H*W*C = 2**31 + 2**27 in bfloat16 (4.3 GiB per tensor): a 1x1 conv-BN-ReLU in eval
+    # (fused conv epilogue) and the BatchNorm kernels; the last samples, whose offsets pass
+    # 2**31, are checked against cuDNN on just those samples
+    n, c, h, w = 136, 64, 512, 480
+    assert n * c * h * w > 2**31
+    torch.cuda.empty_cache()
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    m = fusedres.ConvBNAct(c, c, 1, backend=backend).cuda().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5), m.bn.running_var.uniform_(0.5, 1.5)
+        out = m(x)
+        with fusedres.functional.unfused():
+            want = m(x[-2:])
+        torch.testing.assert_close(out[-2:], want, atol=5e-2, rtol=2e-2)
+        del out
+        be = fusedres.backends.get(backend)
+        part = be.batch_stats(x)
+        mean = fusedres.reference.merge_partials(part)[1]
+        torch.testing.assert_close(mean.float(), x.float().mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-3)
+        s, t = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+        y = be.bn_add_act(x, s, t, None, None, None, None, True)
+        ref_tail = torch.relu(x[-2:].float() * s[:, None, None] + t[:, None, None]).to(torch.bfloat16)
+        torch.testing.assert_close(y[-2:], ref_tail, atol=1e-2, rtol=1e-2)
