@@ -20,7 +20,6 @@
 
 #include "conv_cutlass.h"
 #include "conv_cutlass_impl.h"
-#include "cuda_common.cuh"
 
 #ifdef FUSEDRES_WITH_CUTLASS
 #include <cutlass/version.h>
@@ -64,7 +63,30 @@ const char* conv_cutlass_description() { return ""; }
 
 namespace {
 
-using namespace cuda_detail;
+// 16-bit storage <-> float
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<__half> {
+  __device__ static float to(__half v) { return __half2float(v); }
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+// V elements read as one 16-byte access
+template <typename T, int V>
+struct alignas(16) Pack {
+  T v[V];
+};
+
+int grid_for(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 8));
+}
 
 bool aligned(const void* q, uintptr_t bytes) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % bytes == 0; }
 
@@ -217,6 +239,7 @@ ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream) {
   ConvCallFlags f;
   f.has_bias = p.bias != nullptr;
   f.has_residual = p.residual != nullptr;
+  f.input_relu = prologue;
   if (conv_cutlass_unsupported(prologue ? ConvKind::kFpropPrologue : ConvKind::kFprop, p.dtype, p.g, f) != nullptr)
     return ConvStatus::kUnsupported;
   if (prologue != (p.in_shift != nullptr) || p.x == nullptr || p.w == nullptr || p.y == nullptr)
@@ -275,8 +298,9 @@ ConvStatus conv_wgrad_cutlass(const ConvWgradParams& p, cudaStream_t stream) {
   return ConvStatus::kNotBuilt;
 #else
   const bool prologue = p.in_scale != nullptr;
-  if (conv_cutlass_unsupported(prologue ? ConvKind::kWgradPrologue : ConvKind::kWgrad, p.dtype, p.g,
-                               ConvCallFlags()) != nullptr)
+  ConvCallFlags f;
+  f.input_relu = prologue;
+  if (conv_cutlass_unsupported(prologue ? ConvKind::kWgradPrologue : ConvKind::kWgrad, p.dtype, p.g, f) != nullptr)
     return ConvStatus::kUnsupported;
   if (prologue != (p.in_shift != nullptr) || p.split_k < 1 || p.dy == nullptr || p.x == nullptr ||
       p.dw == nullptr || p.workspace == nullptr)

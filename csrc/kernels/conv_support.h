@@ -43,7 +43,7 @@ inline int64_t conv_out_size(int64_t in, int64_t pad, int64_t dil, int64_t ker, 
 struct ConvCallFlags {
   bool has_bias = false;     // fprop: a per-channel bias (folded BatchNorm)
   bool has_residual = false; // fprop: a residual added before the ReLU
-  bool in_relu = true;       // prologue kinds: the prologue ends with a ReLU
+  bool input_relu = false;   // a ReLU on the input: required by the prologue kinds, refused by the others
   bool nhwc = true;          // every activation-like operand is channels_last (NHWC in memory)
   bool same_dtype = true;    // weight / residual / second operand share the activation dtype
 };
@@ -74,24 +74,23 @@ inline const char* conv_cutlass_unsupported(ConvKind kind, ConvDtype dtype, cons
   const int64_t lim = (int64_t(1) << 31) / 2;
   if (g.n * g.h * g.w * g.c >= lim || g.k * g.r * g.s * g.c >= lim || g.n * g.p * g.q * g.k >= lim)
     return "tensor too large for 32-bit offsets";
+  const bool prologue = kind == ConvKind::kFpropPrologue || kind == ConvKind::kWgradPrologue;
   switch (kind) {
     case ConvKind::kFprop:
+    case ConvKind::kWgrad:
+    case ConvKind::kWgradPrologue:
       break;
     case ConvKind::kFpropPrologue:
-      if (!f.in_relu) return "prologue without ReLU";
-      if (f.has_bias) return "bias together with a prologue";
+      if (f.has_bias) return "bias together with a BatchNorm prologue";
       break;
     case ConvKind::kDgrad:
       if (g.dil_h != 1 || g.dil_w != 1) return "dilated dgrad";
       break;
-    case ConvKind::kWgrad:
-      break;
-    case ConvKind::kWgradPrologue:
-      if (!f.in_relu) return "prologue without ReLU";
-      break;
     default:
       return "unknown kernel kind";
   }
+  if (prologue && !f.input_relu) return "BatchNorm prologue without ReLU";
+  if (!prologue && f.input_relu) return "input ReLU without a BatchNorm prologue";
   if ((kind == ConvKind::kDgrad || kind == ConvKind::kWgrad || kind == ConvKind::kWgradPrologue) &&
       (f.has_bias || f.has_residual))
     return "bias or residual on a backward convolution";
