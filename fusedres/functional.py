@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, ops
+from . import autoselect, backends, ops
 from .autograd import UNIT, ChainSpec, ConvGeom, PostActBlock, PreActBlock
-from .reference import stat_dtype
+from .reference import memory_format, stat_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -379,12 +379,38 @@ def residual_block(
             f"(input {list(x.shape)}, {convs[-1].out_channels} output channels); pass a downsample"
         )
 
-    if _batch_stats(bns[0]):
-        group = _sync_group(sync_bn, process_group, name)
-        if group is None:
-            _check_batch(x, convs, preact)
+    train = _batch_stats(bns[0])
+    group = _sync_group(sync_bn, process_group, name) if train else None
+    if train and group is None:
+        _check_batch(x, convs, preact)
+    if backend == "auto" and group is None:
+        cands = autoselect.candidates(x.device)
+        if len(cands) > 1 and be in cands:
+            be = _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype,
+                                   train, cands)
+    if train:
         return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group)
     return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
+
+
+def _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype, train, cands):
+    """backend="auto" with several fast candidates: the one measured fastest on this block
+    configuration (fusedres.autoselect)."""
+    all_convs = list(convs) + [m for m in ds_mods[:1]]
+    all_bns = list(bns) + [m for m in ds_mods[1:] if m is not None]
+    key = (
+        tuple((tuple(c.weight.shape), _geom(c)) for c in all_convs),
+        tuple(x.shape), x.dtype, conv_dtype, memory_format(x), x.device,
+        train, preact, kind, relu, residual is not None, sample_scale is not None,
+    )
+    buffers = [b for bn in all_bns for b in bn.buffers(recurse=False) if b is not None]
+
+    def run(name):
+        if train:
+            return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, name, conv_dtype)
+        return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, name, conv_dtype)
+
+    return autoselect.pick(key, x.device, cands, run, buffers)
 
 
 def _spatial_changes(x: Tensor, convs) -> bool:

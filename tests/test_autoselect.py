@@ -1,0 +1,95 @@
+"""backend="auto" with several fast candidates measures them per block configuration and
+caches the fastest (on CUDA: cuda vs triton). Here the mechanism is exercised on CPU with
+the cpu and reference backends as the candidates."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedres
+from fusedres import autoselect
+from fusedres.testing import assert_close
+
+from helpers import randomise
+
+pytestmark = pytest.mark.skipif(
+    not fusedres.available_backends()["cpu"].available, reason="the C++ extension is not built"
+)
+
+
+@pytest.fixture
+def race(monkeypatch):
+    """cpu and reference raced on CPU tensors; a fake timer handing out the given times."""
+    monkeypatch.setitem(autoselect._CANDIDATES, "cpu", ("cpu", "reference"))
+    autoselect.clear()
+    calls = []
+
+    def install(times):
+        def timer(fn, device):
+            fn()
+            calls.append(device)
+            return times[(len(calls) - 1) % len(times)]
+        monkeypatch.setattr(autoselect, "_time", timer)
+        return calls
+
+    yield install
+    autoselect.clear()
+
+
+def _block():
+    ds = nn.Sequential(nn.Conv2d(6, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
+    return randomise(fusedres.BasicBlock(6, 8, 2, ds))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("times,winner", [((5.0, 1.0), "reference"), ((1.0, 5.0), "cpu")])
+def test_fastest_is_picked_cached_and_side_effect_free(race, train, times, winner):
+    calls = race(times)
+    auto = _block().train(train)
+    fixed = copy.deepcopy(auto)
+    fixed.backend = winner
+    x = torch.randn(3, 6, 9, 9)
+    out = auto(x)
+    assert len(calls) == 2, "each candidate is measured once"
+    (key, (chosen, ms)), = autoselect.choices().items()
+    assert chosen == winner and ms == {"cpu": times[0], "reference": times[1]}
+    assert_close(out, fixed(x), atol=1e-6, rtol=1e-6, name="out")
+    # the timing runs left no trace: one training step's worth of running statistics
+    for (n, a), (_, b) in zip(auto.named_buffers(), fixed.named_buffers()):
+        assert torch.equal(a, b), n
+    auto(x)
+    assert len(calls) == 2, "a configuration seen before is not measured again"
+    auto(torch.randn(2, 6, 9, 9))
+    assert len(calls) == 4, "a new input shape is a new configuration"
+
+
+def test_measurement_can_be_switched_off(race, monkeypatch):
+    calls = race((1.0, 1.0))
+    monkeypatch.setenv("FUSEDRES_AUTO_MEASURE", "0")
+    _block()(torch.randn(2, 6, 9, 9))
+    assert calls == [] and autoselect.choices() == {}
+
+
+def test_real_timer_measures_both(monkeypatch):
+    monkeypatch.setitem(autoselect._CANDIDATES, "cpu", ("cpu", "reference"))
+    autoselect.clear()
+    try:
+        _block().eval()(torch.randn(2, 6, 9, 9))
+        (chosen, ms), = autoselect.choices().values()
+        assert chosen in ("cpu", "reference") and set(ms) == {"cpu", "reference"} and min(ms.values()) > 0
+    finally:
+        autoselect.clear()
+
+
+def test_nothing_is_measured_while_compiling(race):
+    calls = race((1.0, 1.0))
+    torch._dynamo.reset()
+    block = _block().eval()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5, name="out")
+    # the eager call measured once; the traced call took the static order
+    assert len(calls) == 2
