@@ -10,6 +10,10 @@ Environment:
     TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0a"
     MAX_JOBS                parallel compile jobs (ninja)
     FUSEDRES_CXX_STD        C++ standard of the extension, default c++17
+    CUTLASS_DIR             CUTLASS headers for the CUDA convolution kernels (a checkout or its
+                            include/ directory); default: the nvidia-cutlass wheel
+                            (pip install --no-deps nvidia-cutlass==4.2.0.0). CUDA builds without
+                            CUTLASS leave the convolutions to ATen (cuDNN).
 """
 
 import glob
@@ -31,6 +35,16 @@ def _flag(name):
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cutlass_include():
+    """The CUTLASS include directory (csrc/find_cutlass.py), or None."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fusedres_find_cutlass", os.path.join(ROOT, "csrc", "find_cutlass.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.find_cutlass()
+
+
 def _extensions():
     if _flag("FUSEDRES_SKIP_EXT"):
         print("fusedres: FUSEDRES_SKIP_EXT=1, building without the C++ extension")
@@ -41,7 +55,7 @@ def _extensions():
     force = _flag("FUSEDRES_FORCE_CUDA")
     with_cuda = force or (torch.version.cuda is not None and CUDA_HOME is not None)
     std = "-std=" + os.environ.get("FUSEDRES_CXX_STD", "c++17")
-    cpu_sources = ["csrc/bindings.cpp", "csrc/kernels/bn_cpu.cpp"]
+    cpu_sources = ["csrc/bindings.cpp", "csrc/conv_bindings.cpp", "csrc/kernels/bn_cpu.cpp"]
     cxx = ["-O3", std, "-fno-trapping-math"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")])
     if force and (torch.version.cuda is None or CUDA_HOME is None):
@@ -51,16 +65,28 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
         cu = [s for s in cu if not s.startswith(os.path.join("csrc", "tests"))]
+        defs = ["-DFUSEDRES_WITH_CUDA"]
+        cutlass = _cutlass_include()
+        if cutlass is not None:
+            defs.append("-DFUSEDRES_WITH_CUTLASS")
+            common["include_dirs"].append(cutlass)
         ext = CUDAExtension(
             "fusedres._C",
             cpu_sources + cu,
             extra_compile_args={
-                "cxx": cxx + ["-DFUSEDRES_WITH_CUDA"],
-                "nvcc": ["-O3", std, "-DFUSEDRES_WITH_CUDA"],
+                "cxx": cxx + defs,
+                "nvcc": ["-O3", std, "--expt-relaxed-constexpr"] + defs,
             },
             **common,
         )
         print(f"fusedres: building the extension with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        if cutlass is not None:
+            print(f"fusedres: CUTLASS convolution kernels with the headers in {cutlass}")
+        else:
+            print(
+                "fusedres: CUTLASS headers not found (set CUTLASS_DIR or pip install --no-deps "
+                "nvidia-cutlass==4.2.0.0): convolutions will run through ATen"
+            )
     else:
         ext = CppExtension("fusedres._C", cpu_sources, extra_compile_args={"cxx": cxx}, **common)
         print("fusedres: building the extension without CUDA (CPU kernels only)")

@@ -173,4 +173,7 @@ def _register_fakes() -> None:
         )
         return torch.empty(dout.shape, dtype=dout.dtype, device=dout.device, memory_format=_memory_format(dout))
 
+    from . import _conv_cutlass  # the convolution ops' fakes live with their Python side
+
+    _conv_cutlass.register_fakes()
     _FAKES_REGISTERED = True

@@ -236,11 +236,79 @@ class CpuBackend(_ExtensionBackend):
 
 
 class CudaBackend(_ExtensionBackend):
-    """CUDA C++ kernels from ``fusedres._C``; convolutions through ATen (cuDNN)."""
+    """CUDA C++ kernels from ``fusedres._C``. Convolutions run on its CUTLASS tensor-core
+    kernels where the extension's support predicate takes the call (float16/bfloat16,
+    channels_last, groups 1, channels a multiple of 8: ``fusedres._conv_cutlass``), through
+    ATen (cuDNN) otherwise, and always through ATen when the extension was built without
+    CUTLASS."""
 
     name = "cuda"
     device_type = "cuda"
     _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    _CUTLASS_NATIVE = ("conv_bias_act", "conv_stats", "conv_dgrad", "conv_wgrad", "bn_apply_conv_backward")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _cutlass():
+        """``fusedres._conv_cutlass`` when the extension has the CUTLASS kernels, else None."""
+        from . import _conv_cutlass, _ext
+
+        if _ext.load() is None:
+            return None
+        try:
+            if not _conv_cutlass.built():
+                return None
+        except (AttributeError, RuntimeError):  # an extension built before the conv ops existed
+            return None
+        _conv_cutlass.register_fakes()
+        return _conv_cutlass
+
+    @classmethod
+    def conv_bias_act(cls, x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu):
+        cut = cls._cutlass()
+        if cut is None or cut.fprop_reason(x, weight, bias, residual, in_scale, in_relu, stride, padding, dilation, groups):
+            return reference.conv_bias_act(
+                x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
+            )
+        return cut.conv_bias_act(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu)
+
+    @classmethod
+    def conv_stats(cls, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+        cut = cls._cutlass()
+        if cut is None or cut.fprop_reason(x, weight, None, None, in_scale, in_relu, stride, padding, dilation, groups):
+            return reference.conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
+        return cut.conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation)
+
+    @classmethod
+    def conv_dgrad(cls, dy, weight, input_shape, stride, padding, dilation, groups):
+        cut = cls._cutlass()
+        if cut is None or cut.dgrad_reason(dy, weight, input_shape, stride, padding, dilation, groups):
+            return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups)
+        return cut.conv_dgrad(dy, weight, input_shape, stride, padding, dilation)
+
+    @classmethod
+    def conv_wgrad(cls, dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups):
+        cut = cls._cutlass()
+        if cut is None or cut.wgrad_reason(dy, x, in_scale, in_relu, weight_shape, stride, padding, dilation, groups):
+            return reference.conv_wgrad(
+                dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups
+            )
+        return cut.conv_wgrad(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)
+
+    @classmethod
+    def bn_apply_conv_backward(
+        cls, dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+        need_dx, need_dw,
+    ):
+        # composed like the reference, with this backend's convolutions (dy is stored once)
+        dy = reference.bn_apply_relu(dh, y, scale, shift, coefs)
+        dx = cls.conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups) if need_dx else dy.new_empty(0)
+        dw = (
+            cls.conv_wgrad(dy, x, in_scale, in_shift, in_relu, list(weight.shape), stride, padding, dilation, groups)
+            if need_dw
+            else dy.new_empty(0)
+        )
+        return dx, dw
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:
@@ -253,7 +321,15 @@ class CudaBackend(_ExtensionBackend):
             return False, "extension built without CUDA"
         if not torch.cuda.is_available():
             return False, "no CUDA device visible to PyTorch"
-        return True, "CUDA extension on " + torch.cuda.get_device_name()
+        cutlass = cls._cutlass() is not None
+        # the convolutions are this backend's own only with the CUTLASS kernels compiled in
+        cls.native = _ExtensionBackend.native + (cls._CUTLASS_NATIVE if cutlass else ())
+        convs = (
+            "convolutions on CUTLASS where supported, else ATen"
+            if cutlass
+            else "convolutions through ATen (extension built without CUTLASS)"
+        )
+        return True, f"CUDA extension on {torch.cuda.get_device_name()}; {convs}"
 
 
 class _MissingTriton:

@@ -147,3 +147,133 @@ def test_more_than_2_31_elements_on_gpu(backend):
         y = be.bn_add_act(x, s, t, None, None, None, None, True)
         ref_tail = torch.relu(x[-2:].float() * s[:, None, None] + t[:, None, None]).to(torch.bfloat16)
         torch.testing.assert_close(y[-2:], ref_tail, atol=1e-2, rtol=1e-2)
+
+
+# --------------------------------------------------- the cuda backend's CUTLASS convolutions
+
+
+def _cutlass_backend():
+    if "cuda" not in _gpu_backends():
+        pytest.skip("cuda backend not available")
+    be = fusedres.backends.get("cuda")
+    if be._cutlass() is None:
+        pytest.skip("extension built without the CUTLASS kernels")
+    return be
+
+
+def _within_2x(got, want, want64, dtype, name):
+    """DESIGN §3: err(fused vs fp64) <= 2 * err(torch same dtype vs fp64) + slack * max|fp64|."""
+    from fusedres.testing import SLACK, max_rel_err
+
+    err, base = max_rel_err(got, want64), max_rel_err(want, want64)
+    assert err <= 2 * base + SLACK[dtype], f"{name}: error {err:.3g} vs torch's {base:.3g}"
+
+
+# (input [N, C, H, W], weight [K, C, R, S], stride, padding): ResNet layer shapes at batch 8,
+# and small odd ones (stride 2, K not a multiple of the tile, 1x1 stride-2 shortcut)
+CUTLASS_CONVS = [
+    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1),
+    ((8, 256, 56, 56), (128, 256, 1, 1), 1, 0),
+    ((8, 128, 56, 56), (128, 128, 3, 3), 2, 1),
+    ((8, 256, 56, 56), (512, 256, 1, 1), 2, 0),
+    ((8, 512, 7, 7), (2048, 512, 1, 1), 1, 0),
+    ((3, 16, 13, 11), (24, 16, 3, 3), 2, 1),
+    ((2, 64, 9, 9), (64, 64, 1, 1), 2, 0),
+    ((2, 24, 11, 11), (40, 24, 5, 5), 1, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("conv", CUTLASS_CONVS, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1][0]}-{c[1][2]}x{c[1][3]}-s{c[2]}")
+def test_cutlass_conv_primitives_within_2x_of_torch(conv, dtype):
+    be = _cutlass_backend()
+    from fusedres import reference as ref
+
+    x_shape, w_shape, stride, pad = conv
+    geo = ([stride] * 2, [pad] * 2, [1, 1], 1)
+    cl = torch.channels_last
+    x = torch.randn(x_shape, device="cuda", dtype=torch.float64)
+    w = torch.randn(w_shape, device="cuda", dtype=torch.float64) / (w_shape[1] * w_shape[2] * w_shape[3]) ** 0.5
+    bias = torch.randn(w_shape[0], device="cuda")
+    scale = torch.rand(x_shape[1], device="cuda") + 0.5
+    shift = torch.randn(x_shape[1], device="cuda") * 0.5
+    y64 = ref.conv_bias_act(x, w, None, None, None, None, False, *geo, False)
+    res = torch.randn_like(y64)
+    dy = torch.randn_like(y64)
+    lo = lambda t: t.to(dtype).contiguous(memory_format=cl)  # noqa: E731
+    xl, wl, rl, dyl = lo(x), lo(w), lo(res), lo(dy)
+    x64, w64, r64, dy64 = xl.double(), wl.double(), rl.double(), dyl.double()  # the same rounded inputs
+
+    for pro in (False, True):
+        s, t = (scale, shift) if pro else (None, None)
+        assert be._cutlass().fprop_reason(xl, wl, None if pro else bias, rl, s, pro, *geo) == ""
+        b = None if pro else bias
+        got = be.conv_bias_act(xl, wl, b, rl, s, t, pro, *geo, True)
+        want = ref.conv_bias_act(xl, wl, b, rl, s, t, pro, *geo, True)
+        want64 = ref.conv_bias_act(x64, w64, b, r64, s, t, pro, *geo, True)
+        assert got.is_contiguous(memory_format=cl) and got.dtype == dtype
+        _within_2x(got, want, want64, dtype, f"conv_bias_act prologue={pro}")
+
+        y, part = be.conv_stats(xl, wl, s, t, pro, *geo)
+        want = ref.conv_stats(xl, wl, s, t, pro, *geo)[0]
+        want64 = ref.conv_stats(x64, w64, s, t, pro, *geo)[0]
+        _within_2x(y, want, want64, dtype, f"conv_stats prologue={pro}")
+        own = ref.batch_stats(y)  # statistics of the kernel's own y, float32
+        assert part.shape == own.shape == (1, 3, w_shape[0])
+        torch.testing.assert_close(part, own, rtol=1e-4, atol=1e-4)
+
+        dw = be.conv_wgrad(dyl, xl, s, t, pro, list(w_shape), *geo)
+        want = ref.conv_wgrad(dyl, xl, s, t, pro, list(w_shape), *geo)
+        want64 = ref.conv_wgrad(dy64, x64, s, t, pro, list(w_shape), *geo)
+        assert dw.is_contiguous() and dw.dtype == dtype
+        _within_2x(dw, want, want64, dtype, f"conv_wgrad prologue={pro}")
+
+    dx = be.conv_dgrad(dyl, wl, list(x_shape), *geo)
+    want = ref.conv_dgrad(dyl, wl, list(x_shape), *geo)
+    want64 = ref.conv_dgrad(dy64, w64, list(x_shape), *geo)
+    assert dx.is_contiguous(memory_format=cl)
+    _within_2x(dx, want, want64, dtype, "conv_dgrad")
+
+
+def test_cutlass_fallback_shapes_run_the_reference_on_gpu():
+    be = _cutlass_backend()
+    from fusedres import reference as ref
+
+    cl = torch.channels_last
+    cases = [
+        (torch.randn(2, 3, 15, 15, device="cuda", dtype=torch.bfloat16), torch.randn(16, 3, 7, 7, device="cuda",
+                                                                                     dtype=torch.bfloat16), 1),
+        (torch.randn(2, 16, 9, 9, device="cuda"), torch.randn(16, 16, 3, 3, device="cuda"), 1),  # float32
+        (torch.randn(2, 32, 9, 9, device="cuda", dtype=torch.float16), torch.randn(32, 8, 3, 3, device="cuda",
+                                                                                   dtype=torch.float16), 4),
+    ]
+    for x, w, groups in cases:
+        x = x.contiguous(memory_format=cl)
+        geo = ([1, 1], [1, 1], [1, 1], groups)
+        assert be._cutlass().fprop_reason(x, w, None, None, None, False, *geo) != ""
+        got = be.conv_bias_act(x, w, None, None, None, None, False, *geo, True)
+        torch.testing.assert_close(got, ref.conv_bias_act(x, w, None, None, None, None, False, *geo, True),
+                                   rtol=0, atol=0)
+
+
+def test_cutlass_conv_is_cuda_graph_safe():
+    be = _cutlass_backend()
+    cl = torch.channels_last
+    x = torch.randn(4, 64, 14, 14, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    b = torch.randn(64, device="cuda")
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    want = be.conv_bias_act(x, w, b, x, None, None, False, *geo, True)
+    dw_want = be.conv_wgrad(want, x, None, None, False, list(w.shape), *geo)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture
+        be.conv_bias_act(x, w, b, x, None, None, False, *geo, True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = be.conv_bias_act(x, w, b, x, None, None, False, *geo, True)
+        dw = be.conv_wgrad(out, x, None, None, False, list(w.shape), *geo)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want) and torch.equal(dw, dw_want)

@@ -1,0 +1,178 @@
+"""The CUTLASS convolution ops of the extension (``fusedres_ext::conv_*_cutlass``) as the
+``cuda`` backend uses them: which calls they take, and fake (meta) kernels so that
+torch.compile / FakeTensor can trace them.
+
+The decision of which calls run on CUTLASS is made in one place, the C++ predicate
+``csrc/kernels/conv_support.h``, exposed as ``torch.ops.fusedres_ext.conv_cutlass_support``
+(callable on any machine, GPU or not); :func:`unsupported` asks it, with a cache.
+
+Ops (CUDA tensors; float16/bfloat16; groups 1; x, dy NHWC in memory for speed, other layouts
+are converted; in_scale/in_shift/bias: [C]/[K] vectors in any float dtype):
+
+``conv_bias_act_cutlass(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu)``
+    act(conv(pro(x), weight) + bias + residual), pro(x) = relu(x*in_scale + in_shift) when
+    in_scale is given (then no bias); x's layout rule for the output.
+``conv_stats_cutlass(x, weight, in_scale, in_shift, stride, padding, dilation)``
+    (y, partials [1, 3, K] float32 (count, mean, M2) per output channel).
+``conv_dgrad_cutlass(dy, weight, input_shape, stride, padding, dilation)``
+    dx in dy's layout rule.
+``conv_wgrad_cutlass(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)``
+    dw contiguous [K, C, R, S] in dy's dtype; the input is pro(x) as above.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+KINDS = ("fprop", "fprop_prologue", "dgrad", "wgrad", "wgrad_prologue")
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _layout_rule(t: Tensor) -> torch.memory_format:
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@functools.lru_cache(maxsize=4096)
+def _ask(kind, dtype, x_shape, w_shape, stride, padding, dilation, groups, bias, residual, input_relu, nhwc, same):
+    return torch.ops.fusedres_ext.conv_cutlass_support(
+        kind, dtype, list(x_shape), list(w_shape), list(stride), list(padding), list(dilation), groups,
+        bias, residual, input_relu, nhwc, same,
+    )
+
+
+def unsupported(
+    kind: str,
+    dtype: torch.dtype,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    *,
+    bias: bool = False,
+    residual: bool = False,
+    input_relu: bool = False,
+    nhwc: bool = True,
+    same_dtype: bool = True,
+) -> str:
+    """'' when the CUTLASS kernel of ``kind`` takes this call, else why not (from the C++
+    predicate; needs the extension loaded, not a GPU)."""
+    return _ask(
+        kind, dtype, tuple(int(v) for v in x_shape), tuple(int(v) for v in w_shape), tuple(stride), tuple(padding),
+        tuple(dilation), int(groups), bool(bias), bool(residual), bool(input_relu), bool(nhwc), bool(same_dtype),
+    )
+
+
+def built() -> str:
+    """Description of the compiled CUTLASS kernels; '' when the extension has none."""
+    return torch.ops.fusedres_ext.conv_cutlass_info()
+
+
+def _out_hw(size: int, pad: int, dil: int, ker: int, stride: int) -> int:
+    return (size + 2 * pad - dil * (ker - 1) - 1) // stride + 1
+
+
+_FAKES_REGISTERED = False
+
+
+def register_fakes() -> None:
+    """Fake kernels of the four tensor ops (idempotent; the extension must be loaded)."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+
+    def out_shape(x_shape, w_shape, stride, padding, dilation) -> List[int]:
+        return [
+            x_shape[0],
+            w_shape[0],
+            _out_hw(x_shape[2], padding[0], dilation[0], w_shape[2], stride[0]),
+            _out_hw(x_shape[3], padding[1], dilation[1], w_shape[3], stride[1]),
+        ]
+
+    @torch.library.register_fake("fusedres_ext::conv_bias_act_cutlass")
+    def _conv_bias_act_fake(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu):
+        shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
+        if residual is not None:
+            torch._check(
+                list(residual.shape) == shape,
+                lambda: f"fusedres_ext::conv_bias_act_cutlass: residual must have shape {shape}, got {list(residual.shape)}",
+            )
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_rule(x))
+
+    @torch.library.register_fake("fusedres_ext::conv_stats_cutlass")
+    def _conv_stats_fake(x, weight, in_scale, in_shift, stride, padding, dilation):
+        shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
+        y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_rule(x))
+        return y, x.new_empty((1, 3, shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("fusedres_ext::conv_dgrad_cutlass")
+    def _conv_dgrad_fake(dy, weight, input_shape, stride, padding, dilation):
+        return torch.empty(list(input_shape), dtype=dy.dtype, device=dy.device, memory_format=_layout_rule(dy))
+
+    @torch.library.register_fake("fusedres_ext::conv_wgrad_cutlass")
+    def _conv_wgrad_fake(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation):
+        return dy.new_empty(list(weight_shape))
+
+    _FAKES_REGISTERED = True
+
+
+# ------------------------------------------------------------------ the cuda backend's use
+
+
+def fprop_reason(x: Tensor, weight: Tensor, bias, residual, in_scale, in_relu, stride, padding, dilation, groups) -> str:
+    """Why conv_bias_act / conv_stats with these arguments cannot run on CUTLASS ('' if it can)."""
+    kind = "fprop_prologue" if in_scale is not None else "fprop"
+    same = weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+    return unsupported(
+        kind, x.dtype, x.shape, weight.shape, stride, padding, dilation, groups,
+        bias=bias is not None, residual=residual is not None, input_relu=in_relu,
+        nhwc=_channels_last(x), same_dtype=same,
+    )
+
+
+def dgrad_reason(dy: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups) -> str:
+    return unsupported(
+        "dgrad", dy.dtype, input_shape, weight.shape, stride, padding, dilation, groups,
+        nhwc=_channels_last(dy), same_dtype=weight.dtype == dy.dtype,
+    )
+
+
+def wgrad_reason(dy: Tensor, x: Tensor, in_scale, in_relu, weight_shape, stride, padding, dilation, groups) -> str:
+    kind = "wgrad_prologue" if in_scale is not None else "wgrad"
+    return unsupported(
+        kind, dy.dtype, x.shape, weight_shape, stride, padding, dilation, groups,
+        input_relu=in_relu, nhwc=_channels_last(dy) and _channels_last(x), same_dtype=x.dtype == dy.dtype,
+    )
+
+
+def conv_bias_act(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu) -> Tensor:
+    return torch.ops.fusedres_ext.conv_bias_act_cutlass(
+        x, weight, bias, residual, in_scale, in_shift, list(stride), list(padding), list(dilation), relu
+    )
+
+
+def conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation):
+    return torch.ops.fusedres_ext.conv_stats_cutlass(
+        x, weight, in_scale, in_shift, list(stride), list(padding), list(dilation)
+    )
+
+
+def conv_dgrad(dy, weight, input_shape, stride, padding, dilation) -> Tensor:
+    return torch.ops.fusedres_ext.conv_dgrad_cutlass(
+        dy, weight, list(input_shape), list(stride), list(padding), list(dilation)
+    )
+
+
+def conv_wgrad(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation) -> Tensor:
+    return torch.ops.fusedres_ext.conv_wgrad_cutlass(
+        dy, x, in_scale, in_shift, list(weight_shape), list(stride), list(padding), list(dilation)
+    )
