@@ -55,7 +55,8 @@ bool conv_cutlass_built() {
 const char* conv_cutlass_description() {
   return "CUTLASS " FUSEDRES_STR(CUTLASS_MAJOR) "." FUSEDRES_STR(CUTLASS_MINOR) "." FUSEDRES_STR(
       CUTLASS_PATCH) " Sm80 tensor-op implicit GEMM: fprop (+bias/residual/ReLU epilogue), fprop and wgrad with "
-                     "the BatchNorm+ReLU prologue, strided dgrad, wgrad; float16/bfloat16 NHWC";
+                     "the BatchNorm+ReLU prologue, dgrad (unity-stride and strided), split-K wgrad; "
+                     "float16/bfloat16 NHWC";
 }
 #else
 const char* conv_cutlass_description() { return ""; }
@@ -256,6 +257,18 @@ ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream) {
 
 // ------------------------------------------------------------------------------ dgrad
 
+#ifdef FUSEDRES_WITH_CUTLASS
+namespace {
+// unit stride: CUTLASS's unity-stride dgrad; otherwise the strided dgrad
+ConvStatus dgrad_dispatch(const ConvDgradParams& p, cudaStream_t stream, bool check_only) {
+  const bool unity = p.g.stride_h == 1 && p.g.stride_w == 1;
+  if (p.dtype == ConvDtype::kBFloat16)
+    return unity ? cutlass_conv::dgrad_unity_bf16(p, stream, check_only) : cutlass_conv::dgrad_bf16(p, stream, check_only);
+  return unity ? cutlass_conv::dgrad_unity_f16(p, stream, check_only) : cutlass_conv::dgrad_f16(p, stream, check_only);
+}
+}  // namespace
+#endif
+
 ConvStatus conv_dgrad_cutlass(const ConvDgradParams& p, cudaStream_t stream) {
 #ifndef FUSEDRES_WITH_CUTLASS
   (void)p;
@@ -267,8 +280,7 @@ ConvStatus conv_dgrad_cutlass(const ConvDgradParams& p, cudaStream_t stream) {
   if (p.dy == nullptr || p.w == nullptr || p.dx == nullptr || !aligned(p.dy, 16) || !aligned(p.w, 16) ||
       !aligned(p.dx, 16))
     return ConvStatus::kUnsupported;
-  return p.dtype == ConvDtype::kBFloat16 ? cutlass_conv::dgrad_bf16(p, stream, false)
-                                         : cutlass_conv::dgrad_f16(p, stream, false);
+  return dgrad_dispatch(p, stream, false);
 #endif
 }
 
@@ -361,7 +373,7 @@ ConvStatus conv_cutlass_check(ConvKind kind, ConvDtype dtype, const ConvGeometry
     case ConvKind::kFpropPrologue:
       return bf16 ? fprop_fused_bf16(fp, nullptr, true) : fprop_fused_f16(fp, nullptr, true);
     case ConvKind::kDgrad:
-      return bf16 ? dgrad_bf16(dp, nullptr, true) : dgrad_f16(dp, nullptr, true);
+      return dgrad_dispatch(dp, nullptr, true);
     case ConvKind::kWgrad:
       return bf16 ? wgrad_bf16(wp, nullptr, true) : wgrad_f16(wp, nullptr, true);
     case ConvKind::kWgradPrologue:
