@@ -136,17 +136,7 @@ def _time_calls(fn: Callable[[int], None], device: torch.device, reps: int, min_
     start = time.perf_counter()
     i = 0
     while i < reps or (time.perf_counter() - start) < min_time and i < reps * 20:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(i)
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            out.append((time.perf_counter() - t0) * 1e3)
+        out.append(_time_one(fn, i, device))
         i += 1
     return out
 
@@ -243,9 +233,44 @@ def _make_model(provider: str, fused: nn.Module, baseline: nn.Module, device) ->
     return copy.deepcopy(baseline).to(device)
 
 
+def _time_one(fn: Callable[[int], None], i: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn(i)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _time_interleaved(fns: List[Callable[[int], None]], device: torch.device, reps: int,
+                      min_time: float) -> List[List[float]]:
+    """Milliseconds per call of each fn, timed in rounds (one call of each per round), so a
+    machine whose speed drifts during the run (shared hosts, boost clocks) slows every
+    provider alike instead of whichever happened to be timed at the time. At least ``reps``
+    rounds and ``min_time`` seconds per fn."""
+    out: List[List[float]] = [[] for _ in fns]
+    i = 0
+    while i < reps or (min(sum(v) for v in out) * 1e-3 < min_time and i < reps * 20):
+        for fn, ms in zip(fns, out):
+            ms.append(_time_one(fn, i, device))
+        i += 1
+    return out
+
+
 def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inputs: int = 4,
-             include: Optional[List[str]] = None, progress=None, seed: int = 0) -> List[Row]:
+             include: Optional[List[str]] = None, progress=None, seed: int = 0,
+             interleave: Optional[bool] = None) -> List[Row]:
+    """Rows of one case, one per provider. ``interleave`` (default: on CPU) sets every
+    provider up first and times them round by round (``_time_interleaved``); otherwise each
+    provider is timed alone, in turn, which keeps CUDA peak-memory figures per provider
+    (interleaved rows report no peak memory, every model being resident at once)."""
     torch.manual_seed(seed)
+    if interleave is None:
+        interleave = device.type != "cuda"
     dtype = DTYPES[case.dtype]
     train = case.mode == "train"
     fused = _build_fused(case.model)
@@ -264,10 +289,25 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
+
+    def finish(row: Row, ms: List[float]) -> None:
+        row.reps = len(ms)
+        row.ms_p50 = statistics.median(ms)
+        row.ms_p20, row.ms_p80 = _quantile(ms, 0.2), _quantile(ms, 0.8)
+        row.img_per_s = case.batch / (row.ms_p50 * 1e-3)
+        if flops is not None:
+            row.tflops = flops / (row.ms_p50 * 1e-3) / 1e12
+
+    def failed(row: Row, e: Exception) -> None:
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
     rows: List[Row] = []
+    pending = []  # interleaved: (row, timed call, the objects it keeps alive)
     for prov in _providers(case, device, include):
         row = Row(case.model, case.mode, case.batch, case.resolution, case.dtype, prov, cuda_graphs=case.cuda_graphs)
         row.extra["baseline"] = baseline_src
+        if interleave:
+            row.extra["timing"] = "interleaved"
         if progress is not None:
             progress.set_postfix_str(f"{case.model} {case.mode} b{case.batch} {prov}")
         try:
@@ -276,51 +316,62 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
             freeze = prov == "compile-freeze"
             if prov.startswith("compile"):
                 mode = {"compile-max-autotune": "max-autotune", "compile-cudagraphs": "reduce-overhead"}.get(prov)
-                torch._dynamo.reset()
+                if not interleave:  # interleaved compiled models must keep their code caches
+                    torch._dynamo.reset()
                 fn = torch.compile(model, mode=mode)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
 
-            def step(i, fn=fn, model=model, opt=opt):
+            def step(i, fn=fn, model=model, opt=opt, freeze=freeze):
                 x, t = inputs[i % n_inputs], targets[i % n_inputs]
-                if train:
-                    with autocast:
-                        loss = F.cross_entropy(fn(x), t)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                else:
-                    with torch.no_grad(), autocast:
-                        fn(x)
+                with _inductor_freezing(freeze):
+                    if train:
+                        with autocast:
+                            loss = F.cross_entropy(fn(x), t)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    else:
+                        with torch.no_grad(), autocast:
+                            fn(x)
 
             graph_fn = None
-            with _inductor_freezing(freeze):
-                t0 = time.perf_counter()
-                step(0)
-                _sync(device)
-                row.first_call_s = time.perf_counter() - t0
-                for i in range(1, 3):
-                    step(i)
-                if case.cuda_graphs and device.type == "cuda" and not train and not prov.startswith("compile"):
-                    graph_fn = _cuda_graph(lambda x: fn(x), inputs[0], autocast)
-                _sync(device)
+            t0 = time.perf_counter()
+            step(0)
+            _sync(device)
+            row.first_call_s = time.perf_counter() - t0
+            for i in range(1, 3):
+                step(i)
+            if case.cuda_graphs and device.type == "cuda" and not train and not prov.startswith("compile"):
+                graph_fn = _cuda_graph(lambda x, fn=fn: fn(x), inputs[0], autocast)
+            _sync(device)
+            timed = (lambda i, g=graph_fn: g(inputs[i % n_inputs])) if graph_fn is not None else step
+            if interleave:
+                pending.append((row, timed, (model, fn, opt)))
+            else:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                timed = (lambda i: graph_fn(inputs[i % n_inputs])) if graph_fn is not None else step
-                ms = _time_calls(timed, device, reps, min_time)
-            row.reps = len(ms)
-            row.ms_p50 = statistics.median(ms)
-            row.ms_p20, row.ms_p80 = _quantile(ms, 0.2), _quantile(ms, 0.8)
-            row.img_per_s = case.batch / (row.ms_p50 * 1e-3)
-            if device.type == "cuda" and train:
-                row.peak_mem_bytes = int(torch.cuda.max_memory_allocated(device))
-            if flops is not None:
-                row.tflops = flops / (row.ms_p50 * 1e-3) / 1e12
+                finish(row, _time_calls(timed, device, reps, min_time))
+                if device.type == "cuda" and train:
+                    row.peak_mem_bytes = int(torch.cuda.max_memory_allocated(device))
             del model, fn, opt
         except Exception as e:  # noqa: BLE001  (one failing provider must not lose the others' rows)
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            failed(row, e)
         rows.append(row)
-        if progress is not None:
+        if progress is not None and not interleave:
             progress.update(1)
+    if pending:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.model} {case.mode} b{case.batch} interleaved")
+        try:
+            times = _time_interleaved([t for _, t, _ in pending], device, reps, min_time)
+            for (row, _, _), ms in zip(pending, times):
+                finish(row, ms)
+        except Exception as e:  # noqa: BLE001
+            for row, _, _ in pending:
+                failed(row, e)
+        pending.clear()
+    if progress is not None and interleave:
+        progress.update(len(rows))
     eager = next((r for r in rows if r.provider == "eager" and r.ms_p50), None)
     comp = next((r for r in rows if r.provider == ("compile-freeze" if case.mode == "infer" else "compile")
                  and r.ms_p50), None)
@@ -400,7 +451,7 @@ def _versions() -> Dict[str, Optional[str]]:
 
 
 def run(cases: List[Case], device: torch.device, reps: int, min_time: float, include=None,
-        progress: bool = True) -> dict:
+        progress: bool = True, interleave: Optional[bool] = None) -> dict:
     total = sum(len(_providers(c, device, include)) for c in cases)
     bar = None
     if progress:
@@ -415,7 +466,7 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
         ceilings[dt] = measure_ceilings(device, DTYPES[dt])
     rows: List[Row] = []
     for c in cases:
-        for r in run_case(c, device, reps, min_time, include=include, progress=bar):
+        for r in run_case(c, device, reps, min_time, include=include, progress=bar, interleave=interleave):
             ceil = ceilings[c.dtype]["gemm_tflops"]
             if r.tflops is not None and ceil:
                 r.frac_of_gemm_ceiling = r.tflops / ceil
@@ -428,7 +479,9 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "ceilings": ceilings,
         "settings": {"reps": reps, "min_time_s": min_time, "tf32_conv": torch.backends.cudnn.allow_tf32,
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(),
+                     "timing": "interleaved" if (device.type != "cuda" if interleave is None else interleave)
+                     else "sequential"},
         "cases": [asdict(r) for r in rows],
     }
 
@@ -522,6 +575,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="RESULTS_JSON",
                    help="render PNG charts from a results file instead of running")
     p.add_argument("--png", default=None, help="PNG path for --plot (default: next to the JSON)")
+    p.add_argument("--timing", choices=("auto", "interleaved", "sequential"), default="auto",
+                   help="interleaved: every provider set up first, then timed round by round (robust to a "
+                        "machine whose speed drifts; no per-provider peak memory); sequential: one provider "
+                        "after another; auto (default): interleaved on CPU, sequential on CUDA")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -545,7 +602,8 @@ def main(args) -> int:
     reps = args.reps or (50 if dev.type == "cuda" else 10)
     min_time = args.min_time if args.min_time is not None else (1.0 if dev.type == "cuda" else 0.0)
     include = args.providers.split(",") if args.providers else None
-    result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress)
+    interleave = {"auto": None, "interleaved": True, "sequential": False}[args.timing]
+    result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress, interleave=interleave)
     out = args.out or default_output(result)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -124,9 +124,11 @@ def _check_input(x: Tensor, c_in: Optional[int], name: str) -> None:
 
 
 def _check_devices(x: Tensor, mods: Sequence[nn.Module], name: str) -> None:
+    dev = x.device
     for m in mods:
-        for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if t is not None and t.device != x.device:
+        # the module's own tensors (named_parameters(recurse=False) and named_buffers(recurse=False))
+        for pname, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.device != dev:
                 raise RuntimeError(f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}")
 
 
@@ -474,6 +476,7 @@ def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, b
 
 def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, dt):
     none3 = (None, None, False)
+    cba = ops.conv_bias_act_eager(x, be)
     if kind == "identity":
         res = x
     elif kind == "tensor":
@@ -484,15 +487,15 @@ def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be
         h = x
         for conv, bn in zip(convs[:-1], bns[:-1]):
             w, b = folded(conv, bn, dt)
-            h = ops.conv_bias_act(h, w, b, None, *none3, *_geom(conv).args(), True, be)
+            h = cba(h, w, b, None, *none3, *_geom(conv).args(), True, be)
         if kind == "project":
             w, b = folded(ds_mods[0], ds_mods[1], dt)
-            res = ops.conv_bias_act(x, w, b, None, *none3, *_geom(ds_mods[0]).args(), False, be)
+            res = cba(x, w, b, None, *none3, *_geom(ds_mods[0]).args(), False, be)
         w, b = folded(convs[-1], bns[-1], dt)
         geom = _geom(convs[-1])
         if sample_scale is None:
-            return ops.conv_bias_act(h, w, b, res, *none3, *geom.args(), relu, be)
-        y = ops.conv_bias_act(h, w, b, None, *none3, *geom.args(), False, be)
+            return cba(h, w, b, res, *none3, *geom.args(), relu, be)
+        y = cba(h, w, b, None, *none3, *geom.args(), False, be)
         return _scale_add(y, res, sample_scale, relu, be)
     # pre-activation: bns[0] stays a prologue (a ReLU sits between it and conv 0);
     # bns[i+1] folds into convs[i].
@@ -501,15 +504,15 @@ def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be
     h = x
     for i in range(len(convs) - 1):
         w, b = folded(convs[i], bns[i + 1], dt)
-        h = ops.conv_bias_act(h, w, b, None, *pro, *_geom(convs[i]).args(), True, be)
+        h = cba(h, w, b, None, *pro, *_geom(convs[i]).args(), True, be)
         pro = none3
     if kind == "project":
-        res = ops.conv_bias_act(x, _wcast(ds_mods[0], dt), None, None, s0, t0, True, *_geom(ds_mods[0]).args(), False, be)
+        res = cba(x, _wcast(ds_mods[0], dt), None, None, s0, t0, True, *_geom(ds_mods[0]).args(), False, be)
     geom = _geom(convs[-1])
     w = _wcast(convs[-1], dt)
     if sample_scale is None:
-        return ops.conv_bias_act(h, w, None, res, *pro, *geom.args(), relu, be)
-    y = ops.conv_bias_act(h, w, None, None, *pro, *geom.args(), False, be)
+        return cba(h, w, None, res, *pro, *geom.args(), relu, be)
+    y = cba(h, w, None, None, *pro, *geom.args(), False, be)
     return _scale_add(y, res, sample_scale, relu, be)
 
 

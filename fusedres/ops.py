@@ -328,6 +328,24 @@ def _cba_backward(ctx, dout):
 conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup)
 
 
+
+def conv_bias_act_eager(x: Tensor, backend: str):
+    """``conv_bias_act`` for an inference forward on ``x``: the backend's function itself
+    where going through the dispatcher changes nothing (grad mode off, not tracing, no
+    torch function/dispatch mode active, a plain tensor input), which saves the custom-op
+    dispatch per call; the custom op otherwise. Same arguments as ``conv_bias_act``."""
+    if (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or type(x) is not Tensor
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._len_torch_dispatch_stack() > 0
+    ):
+        return conv_bias_act
+    fn = _table(backend).conv_bias_act
+    return lambda *args: fn(*args[:-1])
+
+
 ALL_OPS = (
     conv_bias_act,
     conv_stats,

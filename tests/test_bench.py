@@ -62,3 +62,29 @@ def test_bad_case_spec_is_a_clear_error():
         bench.parse_case("resnet50:fly:8:224:float32")
     with pytest.raises(SystemExit, match="unknown model"):
         bench._build_fused("resnet9000x")
+
+
+def test_interleaved_timing_runs_rounds_of_every_provider():
+    calls = []
+    fns = [lambda i, k=k: calls.append((k, i)) for k in range(3)]
+    out = bench._time_interleaved(fns, DEV, reps=4, min_time=0.0)
+    assert [len(v) for v in out] == [4, 4, 4]
+    # one call of each provider per round, in order: no provider runs twice in a row
+    assert calls == [(k, i) for i in range(4) for k in range(3)]
+
+
+@pytest.mark.parametrize("timing", ["interleaved", "sequential"])
+def test_timing_modes_give_complete_rows(tmp_path, timing):
+    out = tmp_path / "res.json"
+    rc = cli.main(["bench", "--case", "resnet20:infer:2:16:float32", "--case", "resnet20:train:4:16:float32",
+                   "--providers", "compile", "--reps", "3", "--timing", timing, "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert rc == 0, [r["error"] for r in res["cases"]]
+    assert res["settings"]["timing"] == timing
+    rows = res["cases"]
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("infer", "eager"), ("infer", "compile"), ("infer", "compile-freeze"), ("train", "eager"), ("train", "compile")
+    ]
+    for r in rows:
+        assert r["reps"] >= 3 and r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["first_call_s"] > 0
+        assert (r["extra"].get("timing") == "interleaved") == (timing == "interleaved")

@@ -70,3 +70,57 @@ def test_no_packing_when_gradients_are_needed():
     ref(xr).sum().backward()
     assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5, name="x.grad")
     assert_close(model.conv1.weight.grad, ref.conv1.weight.grad, atol=1e-4, rtol=1e-4, name="conv1.weight.grad")
+
+
+@pytest.mark.parametrize("res_layout", ["nchw", "nhwc", "strided", "float64"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_is_accumulated_into_a_copy(res_layout, relu):
+    # the residual add runs as oneDNN's in-place sum post-op: it must write a copy, never
+    # the caller's residual, whatever its layout or dtype
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6).to(memory_format=torch.channels_last)
+    w = torch.randn(7, 5, 3, 3)
+    b = torch.randn(7)
+    res = torch.randn(2, 7, 4, 8)
+    if res_layout == "nhwc":
+        res = res.to(memory_format=torch.channels_last)
+    elif res_layout == "strided":
+        res = torch.randn(2, 7, 4, 16)[..., ::2]
+    elif res_layout == "float64":
+        res = res.double()
+    keep = res.clone()
+    geom = ([2, 1], [1, 2], [1, 1], 1)
+    with torch.no_grad():
+        got = CpuBackend.conv_bias_act(x, w, b, res, None, None, False, *geom, relu)
+    want = fusedres.reference.conv_bias_act(x, w, b, res, None, None, False, *geom, relu)
+    assert torch.equal(res, keep), "the caller's residual was modified"
+    assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="conv + bias + residual")
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_calls_skip_the_dispatcher_only_when_nothing_observes_them():
+    # under no_grad the blocks call the backend directly (no custom-op dispatch per conv);
+    # an active dispatch mode, autograd or tracing still sees the fusedres ops
+    model, ref = _pair(fusedres.BasicBlock(6, 6))
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        direct = model(x)
+        log = _OpLog()
+        with log:
+            observed = model(x)
+    assert any("fusedres.conv_bias_act" in op for op in log.ops), log.ops
+    assert torch.equal(direct, observed)
+    graded = model(x)  # eval, autograd on: the custom op and its autograd formula
+    assert graded.requires_grad
+    assert_close(direct, graded.detach(), atol=1e-5, rtol=1e-5, name="no_grad vs grad-enabled output")
+    assert_close(direct, ref(x).detach(), atol=1e-5, rtol=1e-5, name="output")
