@@ -366,6 +366,7 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
             times = _time_interleaved([t for _, t, _ in pending], device, reps, min_time)
             for (row, _, _), ms in zip(pending, times):
                 finish(row, ms)
+                row.extra["ms_per_round"] = [round(t, 4) for t in ms]
         except Exception as e:  # noqa: BLE001
             for row, _, _ in pending:
                 failed(row, e)
@@ -379,6 +380,12 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
         if r.ms_p50:
             r.vs_eager = eager.ms_p50 / r.ms_p50 if eager else None
             r.vs_compile = comp.ms_p50 / r.ms_p50 if comp else None
+            # interleaved rows: also the median of the per-round ratios (each round times
+            # every provider back to back, so these pair calls made at the same machine speed)
+            for key, base in (("vs_eager_paired", eager), ("vs_compile_paired", comp)):
+                if base is not None and "ms_per_round" in r.extra and "ms_per_round" in base.extra:
+                    pairs = zip(base.extra["ms_per_round"], r.extra["ms_per_round"])
+                    r.extra[key] = statistics.median(b / t for b, t in pairs)
     return rows
 
 
@@ -490,6 +497,11 @@ def format_table(result: dict) -> str:
     hdr = ["model", "mode", "batch", "res", "dtype", "provider", "img/s", "ms p50 [p20,p80]", "x eager", "x compile",
            "peak MiB", "TFLOP/s"]
     lines = []
+
+    def paired(r, key):  # interleaved runs: the median per-round ratio, in parentheses
+        v = (r.get("extra") or {}).get(key)
+        return "" if v is None else f" ({v:.2f})"
+
     for r in result["cases"]:
         if r["error"]:
             cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
@@ -498,7 +510,8 @@ def format_table(result: dict) -> str:
             f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
             cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
                      f(r["img_per_s"], ".1f"), f"{r['ms_p50']:.2f} [{r['ms_p20']:.2f},{r['ms_p80']:.2f}]",
-                     f(r["vs_eager"], ".2f"), f(r["vs_compile"], ".2f"),
+                     f(r["vs_eager"], ".2f") + paired(r, "vs_eager_paired"),
+                     f(r["vs_compile"], ".2f") + paired(r, "vs_compile_paired"),
                      f(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None, ".0f"), f(r["tflops"], ".3g")]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
@@ -506,7 +519,11 @@ def format_table(result: dict) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
     ceil = "; ".join(f"{k}: GEMM {v['gemm_tflops']:.1f} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
                      for k, v in result["ceilings"].items())
-    return f"{result['device']} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n" + "\n".join(out)
+    note = ""
+    if any("vs_eager_paired" in (r.get("extra") or {}) for r in result["cases"]):
+        note = "\n(x.xx): median of per-round ratios (interleaved timing)"
+    return (f"{result['device']} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n"
+            + "\n".join(out) + note)
 
 
 def plot(result: dict, out_png: str) -> List[str]:

@@ -494,7 +494,9 @@ def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be
         w, b = folded(convs[-1], bns[-1], dt)
         geom = _geom(convs[-1])
         if sample_scale is None:
-            return cba(h, w, b, res, *none3, *geom.args(), relu, be)
+            # a projection's output is this function's own temporary: the backend may
+            # accumulate into it instead of a copy
+            return cba(h, w, b, res, *none3, *geom.args(), relu, be, residual_owned=kind == "project")
         y = cba(h, w, b, None, *none3, *geom.args(), False, be)
         return _scale_add(y, res, sample_scale, relu, be)
     # pre-activation: bns[0] stays a prologue (a ReLU sits between it and conv 0);

@@ -333,7 +333,10 @@ def conv_bias_act_eager(x: Tensor, backend: str):
     """``conv_bias_act`` for an inference forward on ``x``: the backend's function itself
     where going through the dispatcher changes nothing (grad mode off, not tracing, no
     torch function/dispatch mode active, a plain tensor input), which saves the custom-op
-    dispatch per call; the custom op otherwise. Same arguments as ``conv_bias_act``."""
+    dispatch per call; the custom op otherwise. Same arguments as ``conv_bias_act``, plus
+    ``residual_owned=True`` to say the residual is a temporary of the caller that the
+    backend may overwrite with the result (used only by backends that declare
+    ``accepts_owned_residual``; ignored otherwise)."""
     if (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -341,10 +344,12 @@ def conv_bias_act_eager(x: Tensor, backend: str):
         or torch._C._len_torch_function_stack() > 0
         or torch._C._len_torch_dispatch_stack() > 0
     ):
-        return conv_bias_act
-    fn = _table(backend).conv_bias_act
-    return lambda *args: fn(*args[:-1])
-
+        return lambda *args, residual_owned=False: conv_bias_act(*args)
+    table = _table(backend)
+    fn = table.conv_bias_act
+    if getattr(table, "accepts_owned_residual", False):
+        return lambda *args, residual_owned=False: fn(*args[:-1], residual_owned=residual_owned)
+    return lambda *args, residual_owned=False: fn(*args[:-1])
 
 ALL_OPS = (
     conv_bias_act,

@@ -2,6 +2,7 @@
 cases: this checks the runner, it measures nothing worth keeping)."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -88,3 +89,11 @@ def test_timing_modes_give_complete_rows(tmp_path, timing):
     for r in rows:
         assert r["reps"] >= 3 and r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["first_call_s"] > 0
         assert (r["extra"].get("timing") == "interleaved") == (timing == "interleaved")
+        if timing == "interleaved":
+            assert len(r["extra"]["ms_per_round"]) == r["reps"]
+            assert statistics.median(r["extra"]["ms_per_round"]) == pytest.approx(r["ms_p50"], abs=1e-3)
+            if r["provider"] == "eager":
+                assert r["extra"]["vs_eager_paired"] == pytest.approx(1.0)
+            assert r["extra"]["vs_eager_paired"] > 0
+        else:
+            assert "vs_eager_paired" not in r["extra"]

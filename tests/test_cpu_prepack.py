@@ -98,6 +98,20 @@ def test_residual_is_accumulated_into_a_copy(res_layout, relu):
     assert_close(got, want, atol=1e-5, rtol=1e-5, name="conv + bias + residual")
 
 
+
+def test_an_owned_residual_is_accumulated_in_place():
+    # residual_owned=True (a block's own projection output): no copy, same values
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6).to(memory_format=torch.channels_last)
+    w, b = torch.randn(7, 5, 1, 1), torch.randn(7)
+    res = torch.randn(2, 7, 7, 6).to(memory_format=torch.channels_last)
+    want = fusedres.reference.conv_bias_act(x, w, b, res, None, None, False, [1, 1], [0, 0], [1, 1], 1, True)
+    with torch.no_grad():
+        got = CpuBackend.conv_bias_act(x, w, b, res, None, None, False, [1, 1], [0, 0], [1, 1], 1, True,
+                                       residual_owned=True)
+    assert got.data_ptr() == res.data_ptr(), "an owned residual should be reused as the output"
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="conv + bias + owned residual")
+
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
