@@ -82,9 +82,15 @@ ConvGeometry geometry(const char* op, at::IntArrayRef x_shape, at::IntArrayRef w
   check_pair(op, "stride", stride);
   check_pair(op, "padding", padding);
   check_pair(op, "dilation", dilation);
-  CONV_CHECK_ARG(w_shape[1] == x_shape[1], op, "weight", "must have ", x_shape[1],
-                 " input channels (groups = 1), got shape ", w_shape);
+  // groups as torch.nn.functional.conv2d infers them: C / (the weight's input channels)
+  CONV_CHECK_ARG(w_shape[1] >= 1 && x_shape[1] % w_shape[1] == 0, op, "weight",
+                 "must have a number of input channels that divides the input's ", x_shape[1], ", got shape ",
+                 w_shape);
+  const int64_t groups = x_shape[1] / w_shape[1];
+  CONV_CHECK_ARG(w_shape[0] % groups == 0, op, "weight",
+                 "must have a number of output channels divisible by groups = ", groups, ", got shape ", w_shape);
   ConvGeometry g;
+  g.groups = groups;
   g.n = x_shape[0];
   g.c = x_shape[1];
   g.h = x_shape[2];
@@ -166,9 +172,13 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor xk, wk, sk, tk, bk, rk;
   ConvFpropParams p = fprop_params(op, x, weight, in_scale, in_shift, stride, padding, dilation, xk, wk, sk, tk);
   const ConvGeometry& g = p.g;
-  if (bias.has_value()) {
+  if (bias.has_value() && g.groups == 1) {
     bk = channel_vector(op, "bias", *bias, g.k, x, at::kFloat);
     p.bias = bk.data_ptr<float>();
+  } else if (bias.has_value()) {
+    // the grouped kernel reads its bias as the epilogue's source tensor: storage dtype
+    bk = channel_vector(op, "bias", *bias, g.k, x, x.scalar_type());
+    p.bias_storage = bk.data_ptr();
   }
   if (residual.has_value()) {
     check_tensor(op, "residual", *residual, x);

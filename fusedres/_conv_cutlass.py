@@ -6,8 +6,10 @@ The decision of which calls run on CUTLASS is made in one place, the C++ predica
 ``csrc/kernels/conv_support.h``, exposed as ``torch.ops.fusedres_ext.conv_cutlass_support``
 (callable on any machine, GPU or not); :func:`unsupported` asks it, with a cache.
 
-Ops (CUDA tensors; float16/bfloat16; groups 1; x, dy NHWC in memory for speed, other layouts
-are converted; in_scale/in_shift/bias: [C]/[K] vectors in any float dtype):
+Ops (CUDA tensors; float16/bfloat16; x, dy NHWC in memory for speed, other layouts are
+converted; in_scale/in_shift/bias: [C]/[K] vectors in any float dtype; groups are inferred from
+the weight's shape as in ``torch.nn.functional.conv2d``, and only ``conv_bias_act_cutlass`` /
+``conv_stats_cutlass`` without in_scale and residual take groups > 1, see conv_support.h):
 
 ``conv_bias_act_cutlass(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu)``
     act(conv(pro(x), weight) + bias + residual), pro(x) = relu(x*in_scale + in_shift) when

@@ -251,9 +251,10 @@ class CpuBackend(_ExtensionBackend):
 class CudaBackend(_ExtensionBackend):
     """CUDA C++ kernels from ``fusedres._C``. Convolutions run on its CUTLASS tensor-core
     kernels where the extension's support predicate takes the call (float16/bfloat16,
-    channels_last, groups 1, channels a multiple of 8: ``fusedres._conv_cutlass``), through
-    ATen (cuDNN) otherwise, and always through ATen when the extension was built without
-    CUTLASS."""
+    channels_last, channels a multiple of 8; grouped convolutions in the forward only, with
+    a multiple of 32 input and 8, 16, 32 or 64 output channels per group:
+    ``fusedres._conv_cutlass``), through ATen (cuDNN)
+    otherwise, and always through ATen when the extension was built without CUTLASS."""
 
     name = "cuda"
     device_type = "cuda"

@@ -64,6 +64,29 @@ def test_inference_epilogue_and_training_prologue_take_cutlass():
     assert ask("dgrad", BF16, (2, 16, 9, 7), (24, 16, 5, 5), 2, 2) == ""  # odd sizes, stride 2
 
 
+# ResNeXt's grouped 3x3 convolutions with 32 or 64 channels per group (batch 8):
+# (input, weight [K, C/groups, R, S], stride, groups)
+GROUPED = [
+    ((8, 1024, 28, 28), (1024, 32, 3, 3), 2, 32),  # ResNeXt-50 32x4d layer4, first block
+    ((8, 1024, 7, 7), (1024, 32, 3, 3), 1, 32),
+    ((8, 512, 28, 28), (512, 32, 3, 3), 1, 16),
+    ((8, 2048, 14, 14), (2048, 64, 3, 3), 2, 32),  # ResNeXt-101 32x8d layer4
+    ((3, 64, 9, 7), (16, 32, 3, 3), 1, 2),  # 8 output channels per group, odd sizes
+]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("conv", GROUPED, ids=lambda c: f"{c[0][1]}x{c[0][2]}-g{c[3]}-s{c[2]}")
+def test_grouped_forward_takes_cutlass(conv, dtype):
+    x_shape, w_shape, stride, groups = conv
+    assert ask("fprop", dtype, x_shape, w_shape, stride, 1, groups=groups, bias=True) == ""
+    assert ask("fprop", dtype, x_shape, w_shape, stride, 1, groups=groups) == ""
+    # only the forward without prologue and residual: the rest goes to ATen
+    assert "residual" in ask("fprop", dtype, x_shape, w_shape, stride, 1, groups=groups, residual=True)
+    for kind in ("fprop_prologue", "dgrad", "wgrad", "wgrad_prologue"):
+        assert "grouped" in ask(kind, dtype, x_shape, w_shape, stride, 1, groups=groups)
+
+
 # (what, kind, dtype, x_shape, w_shape, stride, padding, dilation, groups, flags, reason contains)
 FALLBACKS = [
     ("float32", "fprop", torch.float32, (8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, {}, "dtype"),
@@ -71,7 +94,14 @@ FALLBACKS = [
     ("stem: 3 channels", "fprop", BF16, (8, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, 1, {}, "multiple of 8"),
     ("12 input channels", "dgrad", F16, (8, 12, 14, 14), (64, 12, 3, 3), 1, 1, 1, 1, {}, "multiple of 8"),
     ("10 output channels", "fprop", F16, (8, 64, 14, 14), (10, 64, 1, 1), 1, 0, 1, 1, {}, "multiple of 8"),
-    ("ResNeXt grouped", "fprop", BF16, (8, 256, 56, 56), (256, 8, 3, 3), 1, 1, 1, 32, {}, "grouped"),
+    ("ResNeXt-50 layer1: 4 channels per group", "fprop", BF16, (8, 128, 56, 56), (128, 4, 3, 3), 1, 1, 1, 32, {},
+     "input channels per group"),
+    ("8 channels per group", "fprop", BF16, (8, 256, 56, 56), (256, 8, 3, 3), 1, 1, 1, 32, {},
+     "input channels per group"),
+    ("128 output channels per group", "fprop", F16, (8, 256, 14, 14), (256, 128, 3, 3), 1, 1, 1, 2, {},
+     "output channels per group"),
+    ("24 output channels per group", "fprop", F16, (8, 64, 14, 14), (48, 32, 3, 3), 1, 1, 1, 2, {},
+     "output channels per group"),
     ("depthwise", "wgrad", BF16, (8, 64, 56, 56), (64, 1, 3, 3), 1, 1, 1, 64, {}, "grouped"),
     ("NCHW activations", "fprop", BF16, (8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, {"nhwc": False}, "channels_last"),
     ("mixed dtypes", "fprop", BF16, (8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1, {"same_dtype": False}, "dtypes"),
@@ -109,6 +139,10 @@ def _meta(shape, dtype=BF16, channels_last=True):
 
 
 def test_backend_questions_follow_layout_and_dtypes():
+    xg, wg = _meta((2, 64, 9, 7)), _meta((16, 32, 3, 3), channels_last=False)
+    assert _conv_cutlass.fprop_reason(xg, wg, torch.empty(16, device="meta"), None, None, False,
+                                      [1, 1], [1, 1], [1, 1], 2) == ""
+    assert "grouped" in _conv_cutlass.dgrad_reason(_meta((2, 16, 9, 7)), wg, [2, 64, 9, 7], [1, 1], [1, 1], [1, 1], 2)
     x, w = _meta((4, 64, 14, 14)), _meta((128, 64, 3, 3), channels_last=False)
     geo = ([1, 1], [1, 1], [1, 1], 1)
     assert _conv_cutlass.fprop_reason(x, w, None, None, None, False, *geo) == ""
@@ -164,6 +198,13 @@ def test_fake_kernels_match_the_reference_shapes_and_strides(layout):
         dw = torch.ops.fusedres_ext.conv_wgrad_cutlass(dy, x, None, None, list(w.shape), *geo)
         want_dw = reference.conv_wgrad(dy, x, None, None, False, list(w.shape), *geo, 1)
         assert dw.shape == want_dw.shape and dw.stride() == want_dw.stride() and dw.dtype == want_dw.dtype
+        # grouped: the output shape does not depend on groups
+        xg = torch.empty(2, 64, 9, 7, dtype=BF16)
+        xg = xg.contiguous(memory_format=torch.channels_last) if cl else xg
+        wg = torch.empty(16, 32, 3, 3, dtype=BF16)
+        y = torch.ops.fusedres_ext.conv_bias_act_cutlass(xg, wg, torch.empty(16), None, None, None, *geo, True)
+        want = reference.conv_bias_act(xg, wg, torch.empty(16), None, None, None, False, *geo, 2, True)
+        assert y.shape == want.shape and y.stride() == want.stride()
         with pytest.raises(Exception, match="residual must have shape"):
             torch.ops.fusedres_ext.conv_bias_act_cutlass(x, w, None, torch.empty(2, 24, 5, 5, dtype=BF16), None,
                                                          None, [1, 1], [1, 1], [1, 1], True)

@@ -235,6 +235,51 @@ def test_cutlass_conv_primitives_within_2x_of_torch(conv, dtype):
     _within_2x(dx, want, want64, dtype, "conv_dgrad")
 
 
+# ResNeXt's grouped convolutions (input, weight [K, C/groups, R, S], stride, groups), and an
+# odd small one with 8 output channels per group
+CUTLASS_GROUPED = [
+    ((8, 1024, 28, 28), (1024, 32, 3, 3), 2, 32),
+    ((8, 1024, 7, 7), (1024, 32, 3, 3), 1, 32),
+    ((4, 2048, 14, 14), (2048, 64, 3, 3), 2, 32),
+    ((3, 64, 9, 7), (16, 32, 3, 3), 1, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("conv", CUTLASS_GROUPED, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[3]}-s{c[2]}")
+def test_cutlass_grouped_forward_within_2x_of_torch(conv, dtype):
+    be = _cutlass_backend()
+    from fusedres import reference as ref
+
+    x_shape, w_shape, stride, groups = conv
+    geo = ([stride] * 2, [1, 1], [1, 1], groups)
+    cl = torch.channels_last
+    x = torch.randn(x_shape, device="cuda", dtype=torch.float64)
+    w = torch.randn(w_shape, device="cuda", dtype=torch.float64) / (w_shape[1] * w_shape[2] * w_shape[3]) ** 0.5
+    lo = lambda t: t.to(dtype).contiguous(memory_format=cl)  # noqa: E731
+    xl, wl = lo(x), lo(w)
+    x64, w64 = xl.double(), wl.double()
+    # the bias of the grouped kernel is held in the storage dtype: the reference gets it so
+    bias = torch.randn(w_shape[0], device="cuda").to(dtype).float()
+    for b, relu in ((bias, True), (None, False)):
+        assert be._cutlass().fprop_reason(xl, wl, b, None, None, False, *geo) == ""
+        got = be.conv_bias_act(xl, wl, b, None, None, None, False, *geo, relu)
+        want = ref.conv_bias_act(xl, wl, b, None, None, None, False, *geo, relu)
+        want64 = ref.conv_bias_act(x64, w64, b, None, None, None, False, *geo, relu)
+        assert got.is_contiguous(memory_format=cl) and got.dtype == dtype
+        _within_2x(got, want, want64, dtype, f"grouped conv_bias_act bias={b is not None}")
+    y, part = be.conv_stats(xl, wl, None, None, False, *geo)
+    _within_2x(y, ref.conv_stats(xl, wl, None, None, False, *geo)[0], ref.conv_stats(x64, w64, None, None, False, *geo)[0],
+               dtype, "grouped conv_stats")
+    torch.testing.assert_close(part, ref.batch_stats(y), rtol=1e-4, atol=1e-4)
+    # an Inf in the last group's input channel stays in that group's outputs
+    xi = xl.clone()
+    xi[:, -1] = float("inf")
+    got = be.conv_bias_act(xi, wl, None, None, None, None, False, *geo, False)
+    kpg = w_shape[0] // groups
+    assert torch.isfinite(got[:, : w_shape[0] - kpg]).all()
+
+
 def test_cutlass_fallback_shapes_run_the_reference_on_gpu():
     be = _cutlass_backend()
     from fusedres import reference as ref

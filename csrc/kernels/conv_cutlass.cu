@@ -54,7 +54,8 @@ bool conv_cutlass_built() {
 #define FUSEDRES_STR(x) FUSEDRES_STR2(x)
 const char* conv_cutlass_description() {
   return "CUTLASS " FUSEDRES_STR(CUTLASS_MAJOR) "." FUSEDRES_STR(CUTLASS_MINOR) "." FUSEDRES_STR(
-      CUTLASS_PATCH) " Sm80 tensor-op implicit GEMM: fprop (+bias/residual/ReLU epilogue), fprop and wgrad with "
+      CUTLASS_PATCH) " Sm80 tensor-op implicit GEMM: fprop (+bias/residual/ReLU epilogue), grouped fprop (+bias/ReLU), "
+                     "fprop and wgrad with "
                      "the BatchNorm+ReLU prologue, dgrad (unity-stride and strided), split-K wgrad; "
                      "float16/bfloat16 NHWC";
 }
@@ -237,18 +238,22 @@ ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream) {
   return ConvStatus::kNotBuilt;
 #else
   const bool prologue = p.in_scale != nullptr;
+  const bool grouped = p.g.groups != 1;
   ConvCallFlags f;
-  f.has_bias = p.bias != nullptr;
+  f.has_bias = p.bias != nullptr || p.bias_storage != nullptr;
   f.has_residual = p.residual != nullptr;
   f.input_relu = prologue;
   if (conv_cutlass_unsupported(prologue ? ConvKind::kFpropPrologue : ConvKind::kFprop, p.dtype, p.g, f) != nullptr)
     return ConvStatus::kUnsupported;
   if (prologue != (p.in_shift != nullptr) || p.x == nullptr || p.w == nullptr || p.y == nullptr)
     return ConvStatus::kUnsupported;
+  // each kernel takes its bias in one form only
+  if ((grouped && p.bias != nullptr) || (!grouped && p.bias_storage != nullptr)) return ConvStatus::kUnsupported;
   if (!aligned(p.x, 16) || !aligned(p.w, 16) || !aligned(p.y, 16) || !aligned(p.residual, 16) ||
-      !aligned(p.bias, 32) || !aligned(p.in_scale, 16) || !aligned(p.in_shift, 16))
+      !aligned(p.bias, 32) || !aligned(p.bias_storage, 16) || !aligned(p.in_scale, 16) || !aligned(p.in_shift, 16))
     return ConvStatus::kUnsupported;
   const bool bf16 = p.dtype == ConvDtype::kBFloat16;
+  if (grouped) return bf16 ? cutlass_conv::fprop_group_bf16(p, stream, false) : cutlass_conv::fprop_group_f16(p, stream, false);
   if (prologue)
     return bf16 ? cutlass_conv::fprop_fused_bf16(p, stream, false) : cutlass_conv::fprop_fused_f16(p, stream, false);
   return bf16 ? cutlass_conv::fprop_bf16(p, stream, false) : cutlass_conv::fprop_f16(p, stream, false);
@@ -369,6 +374,7 @@ ConvStatus conv_cutlass_check(ConvKind kind, ConvDtype dtype, const ConvGeometry
   using namespace cutlass_conv;
   switch (kind) {
     case ConvKind::kFprop:
+      if (g.groups != 1) return bf16 ? fprop_group_bf16(fp, nullptr, true) : fprop_group_f16(fp, nullptr, true);
       return bf16 ? fprop_bf16(fp, nullptr, true) : fprop_f16(fp, nullptr, true);
     case ConvKind::kFpropPrologue:
       return bf16 ? fprop_fused_bf16(fp, nullptr, true) : fprop_fused_f16(fp, nullptr, true);

@@ -43,14 +43,18 @@ const char* conv_cutlass_description();
 // Forward with the previous BatchNorm applied on load (kind kFpropPrologue):
 //   same with x replaced by relu(x*in_scale[c] + in_shift[c]) (zero padding stays zero)
 //   and no bias. act = ReLU when relu (NaN kept as NaN), identity otherwise.
+// Grouped forward (g.groups > 1, kind kFprop): output channel k sees only the input
+//   channels of its group, w is [K, R, S, C/groups]; the bias comes in the storage dtype
+//   (bias_storage; `bias` must be null) and there is no residual.
 // Pointers: 16-byte aligned; bias (float) 32-byte aligned.
 struct ConvFpropParams {
   ConvGeometry g;
   ConvDtype dtype = ConvDtype::kOther;
   const void* x = nullptr;         // [N, H, W, C]
-  const void* w = nullptr;         // [K, R, S, C]
+  const void* w = nullptr;         // [K, R, S, C/groups]
   void* y = nullptr;               // [N, P, Q, K]
-  const float* bias = nullptr;     // [K] or nullptr (kFprop only)
+  const float* bias = nullptr;     // [K] or nullptr (kFprop, groups 1)
+  const void* bias_storage = nullptr;  // [K] in the storage dtype or nullptr (grouped kFprop)
   const void* residual = nullptr;  // [N, P, Q, K] or nullptr
   const void* in_scale = nullptr;  // [C] in the storage dtype: kFpropPrologue iff given
   const void* in_shift = nullptr;  // [C] in the storage dtype

@@ -53,7 +53,7 @@ inline cutlass::conv::Conv2dProblemSize problem_of(const ConvGeometry& g, int sp
   return cutlass::conv::Conv2dProblemSize(int(g.n), int(g.h), int(g.w), int(g.c), int(g.k), int(g.r), int(g.s),
                                           int(g.p), int(g.q), int(g.pad_h), int(g.pad_w), int(g.stride_h),
                                           int(g.stride_w), int(g.dil_h), int(g.dil_w),
-                                          cutlass::conv::Mode::kCrossCorrelation, split_k, 1);
+                                          cutlass::conv::Mode::kCrossCorrelation, split_k, int(g.groups));
 }
 
 template <typename T>

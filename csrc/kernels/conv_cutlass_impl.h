@@ -1,5 +1,5 @@
 // Internal: the per-dtype CUTLASS instantiations behind the launchers of conv_cutlass.h, one
-// per .cu file (conv_{fprop,fprop_fused,dgrad,dgrad_unity,wgrad,wgrad_fused}_{f16,bf16}.cu) so that a
+// per .cu file (conv_{fprop,fprop_fused,fprop_group,dgrad,dgrad_unity,wgrad,wgrad_fused}_{f16,bf16}.cu) so that a
 // parallel build compiles them side by side. check_only: build the CUTLASS arguments and run
 // can_implement() on the host, launch nothing (no GPU needed).
 #pragma once
@@ -15,6 +15,7 @@ namespace cutlass_conv {
 
 FUSEDRES_CONV_DECLARE(fprop, ConvFpropParams)        // kFprop: broadcast epilogue
 FUSEDRES_CONV_DECLARE(fprop_fused, ConvFpropParams)  // kFpropPrologue: mainloop fusion
+FUSEDRES_CONV_DECLARE(fprop_group, ConvFpropParams)  // kFprop with groups > 1
 FUSEDRES_CONV_DECLARE(dgrad, ConvDgradParams)        // stride > 1: strided dgrad
 FUSEDRES_CONV_DECLARE(dgrad_unity, ConvDgradParams)  // stride 1
 // wgrad: float32 slices into p.workspace (the reduction to dw is conv_cutlass.cu's)

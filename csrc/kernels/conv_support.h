@@ -7,7 +7,7 @@
 // a shape it accepts must also pass can_implement() of the kernel that runs it (checked on
 // the host by csrc/tests/test_conv_cuda.cu for a sweep of shapes).
 //
-// Geometry: x [N, H, W, C] (NHWC), w [K, R, S, C] (KRSC), y [N, P, Q, K] (NHWC).
+// Geometry: x [N, H, W, C] (NHWC), w [K, R, S, C/groups] (KRSC), y [N, P, Q, K] (NHWC).
 #pragma once
 
 #include <cstdint>
@@ -52,6 +52,13 @@ struct ConvCallFlags {
 constexpr int64_t kConvChannelAlign = 8;
 // Tile extent along the GEMM N dimension; bounds the CUDA grid's y extent.
 constexpr int64_t kConvTileN = 128;
+// Grouped forward (conv_fprop_group.cuh): one CTA computes a 64-column tile that holds
+// 64 / (K/groups) whole groups, stepping through each group's reduction in slices of 32
+// input channels. A slice must not run into the next group's channels (those would be
+// multiplied by zeros, which turns an Inf there into NaN here), hence C/groups a multiple of
+// 32; K/groups must divide the tile.
+constexpr int64_t kConvGroupTileN = 64;
+constexpr int64_t kConvGroupTileK = 32;
 
 // nullptr when the CUTLASS kernel of `kind` takes this call; otherwise why not (a static
 // string, for messages and tests).
@@ -60,7 +67,18 @@ inline const char* conv_cutlass_unsupported(ConvKind kind, ConvDtype dtype, cons
   if (dtype == ConvDtype::kOther) return "dtype is not float16 or bfloat16";
   if (!f.same_dtype) return "operands of different dtypes";
   if (!f.nhwc) return "activations are not channels_last";
-  if (g.groups != 1) return "grouped convolution";
+  if (g.groups < 1) return "groups must be positive";
+  if (g.groups > 1) {
+    if (kind != ConvKind::kFprop) return "grouped convolution other than the forward without prologue";
+    if (g.c % g.groups != 0 || g.k % g.groups != 0) return "grouped convolution: channels not divisible by groups";
+    if (f.has_residual) return "grouped convolution with a residual";
+    if ((g.c / g.groups) % kConvGroupTileK != 0)
+      return "grouped convolution: input channels per group not a multiple of 32";
+    const int64_t kpg = g.k / g.groups;
+    if (kpg % kConvChannelAlign != 0 || kConvGroupTileN % kpg != 0)
+      return "grouped convolution: output channels per group not 8, 16, 32 or 64";
+    if ((g.k + kConvGroupTileN - 1) / kConvGroupTileN > 65535) return "too many tiles along the GEMM N dimension";
+  }
   if (g.n < 1 || g.h < 1 || g.w < 1 || g.c < 1 || g.k < 1 || g.r < 1 || g.s < 1) return "empty tensor";
   if (g.stride_h < 1 || g.stride_w < 1 || g.dil_h < 1 || g.dil_w < 1 || g.pad_h < 0 || g.pad_w < 0)
     return "invalid stride, dilation or padding";

@@ -10,10 +10,12 @@
 // the double-precision reference exactly, whatever their summation order. Shapes: odd
 // spatial sizes, stride 2, padding, 1x1 stride-2 shortcuts (dgrad phases no tap reaches),
 // channel counts that are not multiples of the 32-wide K tile, residual, ReLU, NaN in the
-// epilogue, split-K wgrad, KRSC and KCRS weight gradients, and the statistics kernel.
+// epilogue, split-K wgrad, KRSC and KCRS weight gradients, the grouped forward, and the
+// statistics kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -103,6 +105,46 @@ void test_predicate() {
               }
   std::printf("predicate: %d accepted calls, %d checked against can_implement()\n", accepted, checked);
   expect(accepted > 1000, "predicate sweep accepted too few shapes");
+
+  // grouped forward: every accepted call must pass the group kernel's can_implement(); the
+  // ResNeXt shapes with 32 or 64 channels per group must be accepted, the rest refused
+  int grouped_accepted = 0;
+  for (int64_t groups : {2, 4, 32, 64})
+    for (int64_t cpg : {8, 16, 32, 64, 96})
+      for (int64_t kpg : {8, 16, 24, 32, 64, 128})
+        for (int64_t stride : {1, 2})
+          for (int64_t dil : {1, 2})
+            for (int64_t hw : {1, 7, 14})
+              for (bool bias : {false, true}) {
+                ConvGeometry g = geom(2, hw, hw + 1, cpg * groups, kpg * groups, 3, 3, dil, stride, dil);
+                g.groups = groups;
+                ConvCallFlags f;
+                f.has_bias = bias;
+                const bool want = cpg % 32 == 0 && (kpg == 8 || kpg == 16 || kpg == 32 || kpg == 64);
+                for (ConvDtype dt : dtypes) {
+                  const char* why = conv_cutlass_unsupported(ConvKind::kFprop, dt, g, f);
+                  expect((why == nullptr) == want, "grouped predicate: groups " + std::to_string(groups) + " cpg " +
+                                                       std::to_string(cpg) + " kpg " + std::to_string(kpg) + " " +
+                                                       (why ? why : "accepted"));
+                  if (why != nullptr) continue;
+                  ++grouped_accepted;
+                  const ConvStatus st = conv_cutlass_check(ConvKind::kFprop, dt, g, f);
+                  expect(st == ConvStatus::kOk, "grouped: predicate accepts but CUTLASS refuses: groups " +
+                                                    std::to_string(groups) + " " + describe(g));
+                  for (ConvKind other : {ConvKind::kFpropPrologue, ConvKind::kDgrad, ConvKind::kWgrad,
+                                         ConvKind::kWgradPrologue}) {
+                    ConvCallFlags fo;
+                    fo.input_relu = other == ConvKind::kFpropPrologue || other == ConvKind::kWgradPrologue;
+                    expect(conv_cutlass_unsupported(other, dt, g, fo) != nullptr,
+                           "grouped kind " + std::to_string(int(other)) + " refused");
+                  }
+                  ConvCallFlags fr = f;
+                  fr.has_residual = true;
+                  expect(conv_cutlass_unsupported(ConvKind::kFprop, dt, g, fr) != nullptr, "grouped residual refused");
+                }
+              }
+  std::printf("predicate: %d accepted grouped calls checked against can_implement()\n", grouped_accepted);
+  expect(grouped_accepted > 100, "grouped predicate sweep accepted too few shapes");
 
   // what must fall back to ATen
   ConvCallFlags plain;
@@ -236,6 +278,29 @@ std::vector<double> fprop_ref(const ConvGeometry& g, const std::vector<double>& 
   return y;
 }
 
+// grouped: output channel k of group k / (K/groups) reads that group's C/groups channels;
+// w is [K, R, S, C/groups]
+std::vector<double> fprop_group_ref(const ConvGeometry& g, const std::vector<double>& x, const std::vector<double>& w) {
+  const int64_t cpg = g.c / g.groups, kpg = g.k / g.groups;
+  std::vector<double> y(g.n * g.p * g.q * g.k, 0.0);
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t p = 0; p < g.p; ++p)
+      for (int64_t q = 0; q < g.q; ++q)
+        for (int64_t k = 0; k < g.k; ++k) {
+          const int64_t c0 = (k / kpg) * cpg;
+          double acc = 0;
+          for (int64_t r = 0; r < g.r; ++r)
+            for (int64_t s = 0; s < g.s; ++s) {
+              const int64_t ih = p * g.stride_h - g.pad_h + r * g.dil_h, iw = q * g.stride_w - g.pad_w + s * g.dil_w;
+              if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+              for (int64_t c = 0; c < cpg; ++c)
+                acc += x[xi(g, n, ih, iw, c0 + c)] * w[((k * g.r + r) * g.s + s) * cpg + c];
+            }
+          y[yi(g, n, p, q, k)] = acc;
+        }
+  return y;
+}
+
 bool same(double a, double b) { return (a != a && b != b) || a == b; }
 
 // `want` is exact (double); the kernels accumulate exactly in float32 (small integers and
@@ -286,6 +351,37 @@ void run_fprop(const ConvGeometry& g, bool bias, bool residual, bool relu, bool 
     want[i] = relu ? relu_ref(z) : z;
   }
   check_all<T>(prologue ? "fprop_prologue" : "fprop", g, dy.get(), want);
+}
+
+template <typename T>
+void run_fprop_group(const ConvGeometry& g, bool bias, bool relu, Rng& rng) {
+  auto x = rng.ints(g.n * g.h * g.w * g.c, -2, 2);
+  const auto w = rng.ints(g.k * g.r * g.s * (g.c / g.groups), -1, 1);
+  auto b = rng.ints(g.k, -3, 3);
+  if (bias) b[0] = NAN;  // must survive the ReLU as NaN
+  // an Inf in the last group's channels must not leak into the other groups' outputs
+  x[g.c - 1] = INFINITY;
+  Dev<T> dx(x), dw(w), db(b), dy(g.n * g.p * g.q * g.k);
+  ConvFpropParams p;
+  p.g = g;
+  p.dtype = dtype_of<T>();
+  p.x = dx.p;
+  p.w = dw.p;
+  p.y = dy.p;
+  p.bias_storage = bias ? db.p : nullptr;
+  p.relu = relu;
+  const ConvStatus st = conv_fprop_cutlass(p, nullptr);
+  expect(st == ConvStatus::kOk,
+         std::string("grouped conv_fprop_cutlass status: ") + conv_status_string(st) + " " + describe(g));
+  if (st != ConvStatus::kOk) return;
+  CUDA_OK(cudaDeviceSynchronize());
+  auto want = fprop_group_ref(g, x, w);
+  for (size_t i = 0; i < want.size(); ++i) {
+    double z = want[i];
+    if (bias) z += b[i % g.k];
+    want[i] = relu ? relu_ref(z) : z;
+  }
+  check_all<T>("fprop_group", g, dy.get(), want);
 }
 
 template <typename T>
@@ -421,6 +517,16 @@ int run_gpu() {
   run_fprop<T>(geom(2, 9, 9, 16, 16, 3, 3, 2, 1, 2), true, true, true, false, rng);  // dilation 2
   run_wgrad<T>(geom(2, 9, 9, 16, 16, 3, 3, 2, 1, 2), true, true, 2, rng);
   run_dgrad<T>(geom(2, 10, 10, 16, 8, 3, 3, 1, 2), rng);
+  // grouped forward: (groups, channels per group, output channels per group) as ResNeXt
+  // uses them and at the tile's edges (8 and 64 output channels per group, 2 and 8 groups per
+  // tile), with stride 2, padding and odd spatial sizes
+  for (const auto& gs : {std::array<int64_t, 6>{2, 32, 8, 1, 1, 9}, std::array<int64_t, 6>{4, 32, 32, 2, 1, 7},
+                         std::array<int64_t, 6>{3, 64, 64, 1, 2, 5}, std::array<int64_t, 6>{8, 32, 16, 2, 1, 11}}) {
+    ConvGeometry g = geom(2, gs[5], gs[5] + 2, gs[0] * gs[1], gs[0] * gs[2], 3, 3, gs[4], gs[3], gs[4]);
+    g.groups = gs[0];
+    run_fprop_group<T>(g, true, true, rng);
+    run_fprop_group<T>(g, false, false, rng);
+  }
   run_stats<T>(1, 8, rng);
   run_stats<T>(1000, 24, rng);   // several row tiles, last one partial
   run_stats<T>(3000, 264, rng);  // channel blocks beyond 256
