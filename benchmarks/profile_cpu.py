@@ -39,30 +39,41 @@ def category(op_name: str) -> str:
     return "other"
 
 
-def providers(model_name: str):
+PROVIDERS = ("eager", "compile-freeze", "fusedres-cpu")
+
+
+def providers(model_name: str, names=PROVIDERS):
     import fusedres
     from fusedres import bench
+
+    unknown = sorted(set(names) - set(PROVIDERS))
+    if unknown or not names:
+        raise ValueError(f"providers must be a non-empty subset of {', '.join(PROVIDERS)}, got {list(names)}")
 
     fused = bench._build_fused(model_name)
     tv = bench._torchvision_model(model_name, fused)
     baseline = tv if tv is not None else bench._Unfused(fused)
     cl = torch.channels_last
-    out = {"eager": copy.deepcopy(baseline).to(memory_format=cl).eval()}
-    import torch._inductor.config as cfg
+    out = {}
+    if "eager" in names:
+        out["eager"] = copy.deepcopy(baseline).to(memory_format=cl).eval()
+    if "compile-freeze" in names:
+        import torch._inductor.config as cfg
 
-    cfg.freezing = True
-    torch._dynamo.reset()
-    out["compile-freeze"] = torch.compile(copy.deepcopy(baseline).to(memory_format=cl).eval())
-    out["fusedres-cpu"] = fusedres.set_backend(copy.deepcopy(fused), "cpu").to(memory_format=cl).eval()
+        cfg.freezing = True
+        torch._dynamo.reset()
+        out["compile-freeze"] = torch.compile(copy.deepcopy(baseline).to(memory_format=cl).eval())
+    if "fusedres-cpu" in names:
+        out["fusedres-cpu"] = fusedres.set_backend(copy.deepcopy(fused), "cpu").to(memory_format=cl).eval()
     return out
 
 
-def profile(model_name: str, batch: int, res: int, rounds: int) -> dict:
+def profile(model_name: str, batch: int, res: int, rounds: int, names=PROVIDERS) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
-    provs = providers(model_name)
+    provs = providers(model_name, names)
     per = {name: collections.defaultdict(list) for name in provs}
     with torch.no_grad():
         for fn in provs.values():
@@ -88,7 +99,7 @@ def profile(model_name: str, batch: int, res: int, rounds: int) -> dict:
     cats = [c for c, _ in CATEGORIES] + ["other", "total"]
     return {
         "model": model_name, "batch": batch, "resolution": res, "dtype": "float32", "rounds": rounds,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "providers": list(provs),
         "ms": {name: {c: round(statistics.median(v[c]), 3) if v.get(c) else 0.0 for c in cats}
                for name, v in per.items()},
     }
@@ -110,9 +121,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--providers", default=",".join(PROVIDERS),
+                   help="comma-separated subset of " + ", ".join(PROVIDERS) + " (all by default); the "
+                   "providers share one process, so each can change the others' figures")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
-    result = profile(a.model, a.batch, a.resolution, a.rounds)
+    names = tuple(n.strip() for n in a.providers.split(",") if n.strip())
+    if not names or set(names) - set(PROVIDERS):
+        p.error(f"--providers must be a non-empty subset of {', '.join(PROVIDERS)}, got {a.providers!r}")
+    result = profile(a.model, a.batch, a.resolution, a.rounds, names)
     print(table(result))
     if a.out:
         with open(a.out, "w") as f:

@@ -97,3 +97,38 @@ def test_timing_modes_give_complete_rows(tmp_path, timing):
             assert r["extra"]["vs_eager_paired"] > 0
         else:
             assert "vs_eager_paired" not in r["extra"]
+
+
+def _profile_cpu():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_cpu.py"
+    spec = importlib.util.spec_from_file_location("profile_cpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_profile_breaks_a_forward_into_categories():
+    prof = _profile_cpu()
+    assert prof.category("mkldnn::_convolution_pointwise_") == "convolution"
+    assert prof.category("aten::native_batch_norm") == "batch_norm"
+    assert prof.category("aten::clamp_min_") == "relu"
+    assert prof.category("aten::copy_") == "copy"
+    assert prof.category("aten::view") == "other"
+    names = ["eager"] + (["fusedres-cpu"] if "fusedres-cpu" in _fused_providers() else [])
+    res = prof.profile("resnet18", 1, 32, 1, tuple(names))
+    assert res["providers"] == names and set(res["ms"]) == set(names)
+    for name in names:
+        row = res["ms"][name]
+        assert row["convolution"] > 0 and row["total"] > 0
+        assert sum(v for k, v in row.items() if k != "total") == pytest.approx(row["total"], rel=1e-6, abs=1e-3)
+    assert res["ms"]["eager"]["batch_norm"] > 0
+    if "fusedres-cpu" in names:
+        assert res["ms"]["fusedres-cpu"]["batch_norm"] == 0  # folded into the convolutions
+    assert "convolution" in prof.table(res)
+    with pytest.raises(ValueError, match="subset"):
+        prof.providers("resnet18", ("eager", "tensorrt"))
+    with pytest.raises(SystemExit):
+        prof.main(["--providers", "nope"])
