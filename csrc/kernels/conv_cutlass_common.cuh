@@ -76,6 +76,19 @@ inline ConvStatus status_of(cutlass::Status s) {
   return ConvStatus::kUnsupported;
 }
 
+// The tail every instantiation shares: CUTLASS's can_implement() (all that check_only asks),
+// then initialize + run on `stream`. `workspace`: the split-K slices' buffer where the kernel
+// has one (CUTLASS zero-fills it on `stream` first when split_k > 1), else nullptr.
+template <typename Device>
+ConvStatus launch(typename Device::Arguments const& args, cudaStream_t stream, bool check_only,
+                  void* workspace = nullptr) {
+  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
+  if (check_only) return ConvStatus::kOk;
+  Device conv;
+  const ConvStatus st = status_of(conv.initialize(args, workspace, stream));
+  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
+}
+
 // ----------------------------------------------------------------------------- epilogues
 
 // Output functor of the broadcast epilogue (EpilogueWithBroadcast, single source):

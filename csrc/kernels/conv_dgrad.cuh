@@ -43,11 +43,7 @@ ConvStatus launch_dgrad(const ConvDgradParams& p, cudaStream_t stream, bool chec
   typename Device::Arguments args(problem_of(g), nhwc_ref<T>(p.dy, g.n, g.p, g.q, g.k),
                                   nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c), nhwc_ref<T>(p.dx, g.n, g.h, g.w, g.c),
                                   nhwc_ref<T>(p.dx, g.n, g.h, g.w, g.c), op, cutlass::conv::SplitKMode::kSerial);
-  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
-  if (check_only) return ConvStatus::kOk;
-  Device conv;
-  const ConvStatus st = status_of(conv.initialize(args, nullptr, stream));
-  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
+  return launch<Device>(args, stream, check_only);
 }
 
 template <typename T>

@@ -46,11 +46,7 @@ ConvStatus run_fprop(const ConvFpropParams& p, cudaStream_t stream, bool check_o
                                   nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c), nhwc_ref<T>(p.residual, g.n, g.p, g.q, g.k),
                                   nhwc_ref<T>(p.y, g.n, g.p, g.q, g.k), op, cutlass::conv::SplitKMode::kSerial,
                                   const_cast<float*>(p.bias), nullptr, 0, 0);
-  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
-  if (check_only) return ConvStatus::kOk;
-  Device conv;
-  const ConvStatus st = status_of(conv.initialize(args, nullptr, stream));
-  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
+  return launch<Device>(args, stream, check_only);
 }
 
 template <typename T>
@@ -76,11 +72,7 @@ ConvStatus run_fprop_fused(const ConvFpropParams& p, cudaStream_t stream, bool c
                                   nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c), vector_ref<T>(p.in_scale, g.c),
                                   vector_ref<T>(p.in_shift, g.c), nhwc_ref<T>(p.residual, g.n, g.p, g.q, g.k),
                                   nhwc_ref<T>(p.y, g.n, g.p, g.q, g.k), op, cutlass::conv::SplitKMode::kSerial);
-  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
-  if (check_only) return ConvStatus::kOk;
-  Device conv;
-  const ConvStatus st = status_of(conv.initialize(args, nullptr, stream));
-  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
+  return launch<Device>(args, stream, check_only);
 }
 
 }  // namespace cutlass_conv

@@ -59,11 +59,7 @@ ConvStatus run_fprop_group(const ConvFpropParams& p, cudaStream_t stream, bool c
   typename Device::Arguments args(problem_of(g), nhwc_ref<T>(p.x, g.n, g.h, g.w, g.c),
                                   nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c / g.groups), bias,
                                   nhwc_ref<T>(p.y, g.n, g.p, g.q, g.k), op, cutlass::conv::SplitKMode::kSerial);
-  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
-  if (check_only) return ConvStatus::kOk;
-  Device conv;
-  const ConvStatus st = status_of(conv.initialize(args, nullptr, stream));
-  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
+  return launch<Device>(args, stream, check_only);
 }
 
 }  // namespace cutlass_conv

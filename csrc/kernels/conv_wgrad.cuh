@@ -46,17 +46,6 @@ struct WgradFusedKernel {
   using Device = cutlass::conv::device::ImplicitGemmConvolutionFusion<Kernel>;
 };
 
-template <typename Device>
-ConvStatus launch_wgrad(typename Device::Arguments const& args, void* workspace, cudaStream_t stream,
-                        bool check_only) {
-  if (Device::can_implement(args) != cutlass::Status::kSuccess) return ConvStatus::kUnsupported;
-  if (check_only) return ConvStatus::kOk;
-  Device conv;
-  // with split_k > 1 CUTLASS zero-fills the workspace on `stream` before the slices land
-  const ConvStatus st = status_of(conv.initialize(args, workspace, stream));
-  return st != ConvStatus::kOk ? st : status_of(conv.run(stream));
-}
-
 template <typename T>
 ConvStatus run_wgrad(const ConvWgradParams& p, cudaStream_t stream, bool check_only) {
   using Device = typename WgradKernel<T>::Device;
@@ -65,7 +54,7 @@ ConvStatus run_wgrad(const ConvWgradParams& p, cudaStream_t stream, bool check_o
   typename Device::Arguments args(problem_of(g, p.split_k), nhwc_ref<T>(p.dy, g.n, g.p, g.q, g.k),
                                   nhwc_ref<T>(p.x, g.n, g.h, g.w, g.c), ws, ws, WgradOp::Params(),
                                   cutlass::conv::SplitKMode::kParallel);
-  return launch_wgrad<Device>(args, p.workspace, stream, check_only);
+  return launch<Device>(args, stream, check_only, p.workspace);
 }
 
 template <typename T>
@@ -77,7 +66,7 @@ ConvStatus run_wgrad_fused(const ConvWgradParams& p, cudaStream_t stream, bool c
                                   nhwc_ref<T>(p.x, g.n, g.h, g.w, g.c), vector_ref<T>(p.in_scale, g.c),
                                   vector_ref<T>(p.in_shift, g.c), ws, ws, WgradOp::Params(),
                                   cutlass::conv::SplitKMode::kParallel);
-  return launch_wgrad<Device>(args, p.workspace, stream, check_only);
+  return launch<Device>(args, stream, check_only, p.workspace);
 }
 
 }  // namespace cutlass_conv
