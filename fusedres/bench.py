@@ -517,7 +517,7 @@ def format_table(result: dict) -> str:
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
     out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
-    ceil = "; ".join(f"{k}: GEMM {v['gemm_tflops']:.1f} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
+    ceil = "; ".join(f"{k}: GEMM {v['gemm_tflops']:.3g} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
                      for k, v in result["ceilings"].items())
     note = ""
     if any("vs_eager_paired" in (r.get("extra") or {}) for r in result["cases"]):

@@ -123,7 +123,8 @@ def test_cpu_profile_breaks_a_forward_into_categories():
     for name in names:
         row = res["ms"][name]
         assert row["convolution"] > 0 and row["total"] > 0
-        assert sum(v for k, v in row.items() if k != "total") == pytest.approx(row["total"], rel=1e-6, abs=1e-3)
+        # one round: the categories add up to the wall time (each is rounded to 1 us)
+        assert sum(v for k, v in row.items() if k != "total") == pytest.approx(row["total"], abs=0.01)
     assert res["ms"]["eager"]["batch_norm"] > 0
     if "fusedres-cpu" in names:
         assert res["ms"]["fusedres-cpu"]["batch_norm"] == 0  # folded into the convolutions
