@@ -42,13 +42,16 @@ def category(op_name: str) -> str:
 PROVIDERS = ("eager", "compile-freeze", "fusedres-cpu")
 
 
+def check_names(names) -> None:
+    if not names or set(names) - set(PROVIDERS):
+        raise ValueError(f"providers must be a non-empty subset of {', '.join(PROVIDERS)}, got {list(names)}")
+
+
 def providers(model_name: str, names=PROVIDERS):
     import fusedres
     from fusedres import bench
 
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown or not names:
-        raise ValueError(f"providers must be a non-empty subset of {', '.join(PROVIDERS)}, got {list(names)}")
+    check_names(names)
 
     fused = bench._build_fused(model_name)
     tv = bench._torchvision_model(model_name, fused)
@@ -127,8 +130,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
     names = tuple(n.strip() for n in a.providers.split(",") if n.strip())
-    if not names or set(names) - set(PROVIDERS):
-        p.error(f"--providers must be a non-empty subset of {', '.join(PROVIDERS)}, got {a.providers!r}")
+    try:
+        check_names(names)
+    except ValueError as e:
+        p.error(f"--{e}")
     result = profile(a.model, a.batch, a.resolution, a.rounds, names)
     print(table(result))
     if a.out:
