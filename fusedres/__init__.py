@@ -8,6 +8,7 @@ from . import _ext
 from ._version import __version__
 from . import ops  # registers the fusedres:: custom ops
 from . import functional, testing
+from .functional import freeze, unfreeze
 from .backends import BackendStatus, BackendUnavailableError, available_backends
 from .blocks import BasicBlock, Bottleneck, ConvBNAct, PadShortcut, PreActBasicBlock, SyncBatchNorm2d
 from .convert import ConversionReport, convert, convert_sync_batchnorm, set_backend
@@ -42,6 +43,8 @@ __all__ = [
     "PadShortcut",
     "SyncBatchNorm2d",
     "convert",
+    "freeze",
+    "unfreeze",
     "convert_sync_batchnorm",
     "set_backend",
     "ConversionReport",

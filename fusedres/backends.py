@@ -19,7 +19,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
+from . import _frozen, reference
 
 PRIMITIVES = (
     "conv_bias_act",
@@ -170,26 +170,29 @@ class CpuBackend(_ExtensionBackend):
             ok.append(torch.float16)
         return tuple(ok)
 
-    # oneDNN-blocked copies of inference weights, made once per (weight version, input
-    # shape, geometry); keyed weakly by the weight tensor, so a weight that is freed (e.g.
-    # a re-folded BatchNorm) takes its packed copies with it
+    # oneDNN-blocked copies of frozen inference weights (fusedres.freeze), per input shape
+    # and geometry; keyed weakly by the frozen folded weight, a private tensor nothing ever
+    # writes, so identity is a sound key and an unfrozen or re-folded weight takes its
+    # packed copies with it
     _packed = WeakIdKeyDictionary()
 
     @classmethod
     def _prepacked(cls, weight, x, stride, padding, dilation, groups):
-        """The weight in oneDNN's blocked layout for this conv, or the weight itself where
-        packing does not apply (autograd needs the weight, or torch.compile is tracing)."""
-        if (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        """The weight in oneDNN's blocked layout for this conv where that changes nothing but
+        speed: a frozen folded weight (any other tensor may be edited behind its version
+        counter, or be a buffer that torch.compile reuses) and a channels_last input (for
+        NCHW inputs oneDNN's blocked kernel accumulates in another order than ATen's NCHW
+        convolution, so the packed path would not give eager PyTorch's numerics)."""
+        if not _frozen.is_frozen_weight(weight) or reference.memory_format(x) != torch.channels_last:
             return weight
-        if weight.is_inference() or x.is_inference():
-            return weight  # inference tensors have no version counter to key the cache on
-        key = (weight._version, tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
+        key = (tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
         per_weight = cls._packed.setdefault(weight, {})
         packed = per_weight.get(key)
         if packed is None:
-            per_weight.clear()  # a new version or input shape: drop the stale copies
+            if len(per_weight) >= 8:  # a new input shape: bound the copies kept per weight
+                per_weight.clear()
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), list(padding), list(stride), list(dilation), groups, list(x.shape)
+                weight, list(padding), list(stride), list(dilation), groups, list(x.shape)
             )
             per_weight[key] = packed
         return packed

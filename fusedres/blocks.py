@@ -32,8 +32,18 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
+def _not_scriptable(self):
+    raise TypeError(
+        f"fusedres.{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its fused ops "
+        "are torch.library custom ops called from Python. Use torch.compile, or torch.export for a graph to "
+        "deploy; torch.jit.trace works for models in eval mode."
+    )
+
+
 class _FusedBlockMixin:
     """Shared plumbing: backend choice and the stochastic-depth per-sample scale."""
+
+    __prepare_scriptable__ = _not_scriptable
 
     def _init_fused(self, backend: str, drop_path: float, residual: bool) -> None:
         self.backend = backends.check_name(backend)
@@ -272,6 +282,8 @@ class ConvBNAct(nn.Module):
         self.act = bool(act)
         self.backend = backends.check_name(backend)
         self.sync_bn, self.process_group = False, None
+
+    __prepare_scriptable__ = _not_scriptable
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: bool, backend: str = "auto") -> "ConvBNAct":

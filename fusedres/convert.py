@@ -89,6 +89,11 @@ def _convert(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, repo
     kind = _tv_block_kind(module)
     if kind is not None:
         new = _adopt(module, kind, backend)
+        why = _block_unfusable(new)
+        if why:
+            # the fused block would run its modules one by one: say so, keep the original
+            report.skipped.append((prefix, why))
+            return _convert_children(module, prefix, backend, fuse_runs, report)
         report.replaced.append((prefix, f"torchvision.{type(module).__name__}", f"fusedres.{type(new).__name__}"))
         if new.downsample is not None:
             new.downsample = _convert_children(new.downsample, prefix + ".downsample", backend, False, report)
@@ -127,6 +132,22 @@ def _convert_children(module: nn.Module, prefix: str, backend: str, fuse_runs: b
             report.replaced.append((path, "Conv2d+BatchNorm2d" + ("+ReLU" if act else ""), "fusedres.ConvBNAct"))
             i += 3 if act else 2
     return module
+
+
+def _block_unfusable(block: nn.Module) -> str:
+    """Why a fused block made from these modules could never run fused ("" if it can)."""
+    from .functional import _bn_fusable, _conv_fusable
+
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    mods = [getattr(block, n) for n in names if getattr(block, n, None) is not None]
+    ds = block.downsample
+    if isinstance(ds, nn.Sequential) and len(ds) == 2:
+        mods += list(ds)
+    for m in mods:
+        why = _bn_fusable(m) if not isinstance(m, nn.Conv2d) else _conv_fusable(m)
+        if why:
+            return why
+    return ""
 
 
 def _run_unfusable(conv: nn.Conv2d) -> str:

@@ -29,13 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autoselect, backends, ops
+from . import _frozen, autoselect, backends, ops
 from .autograd import UNIT, ChainSpec, ConvGeom, PostActBlock, PreActBlock
 from .reference import memory_format, stat_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["conv_bn_act", "residual_block", "fusable", "fold_bn", "unfused"]
+__all__ = ["conv_bn_act", "residual_block", "fusable", "fold_bn", "unfused", "freeze", "unfreeze"]
 
 _STATE = threading.local()
 
@@ -72,7 +72,21 @@ def _conv_fusable(conv: nn.Module) -> Optional[str]:
     return None
 
 
+_FROZEN_BN_CLASSES = (("torchvision.ops.misc", "FrozenBatchNorm2d"),)
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` (also the one timm uses), with its own forward: a
+    constant per-channel affine from its buffers, in training as in evaluation."""
+    cls = type(m)
+    return (cls.__module__, cls.__name__) in _FROZEN_BN_CLASSES and cls.forward.__qualname__ == (
+        f"{cls.__name__}.forward"
+    )
+
+
 def _bn_fusable(bn: nn.Module) -> Optional[str]:
+    if is_frozen_bn(bn):
+        return None
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
         return f"{type(bn).__name__} is not nn.BatchNorm2d"
     return None
@@ -98,7 +112,27 @@ def fusable(convs: Sequence[nn.Module], bns: Sequence[nn.Module], ds_bn: Optiona
     return None
 
 
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def _hooked(mods: Sequence[nn.Module]) -> Optional[str]:
+    """A reason to run unfused when a module of the block (or of its downsample) carries a
+    hook: the fused path never calls the submodules, so their hooks (and what relies on
+    them: pruning, forward-pre-hook parametrisations, activation capture) would not run."""
+    for m in mods:
+        for sub in m.modules():
+            for d in _HOOK_DICTS:
+                if getattr(sub, d, None):
+                    return f"{type(sub).__name__} carries a {d[1:-1].replace('_', ' ')}"
+    return None
+
+
 def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalises with batch statistics (training) rather than its buffers."""
+    if is_frozen_bn(bn):
+        return False
     return bn.training or bn.running_mean is None
 
 
@@ -215,14 +249,19 @@ def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -
 _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _tensor_key(t: Optional[Tensor]):
+    if t is None:
+        return None
+    # inference tensors (made under torch.inference_mode) have no version counter
+    version = -1 if t.is_inference() else t._version
+    return (t, version, t.data_ptr(), t.device, t.dtype)
+
+
 def _fold_key(conv, bn, dtype):
     ts = [conv.weight]
     if bn is not None:
         ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tuple((t, t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None for t in ts), (
-        dtype,
-        None if bn is None else bn.eps,
-    )
+    return tuple(_tensor_key(t) for t in ts), (dtype, None if bn is None else bn.eps)
 
 
 def _same_key(a, b) -> bool:
@@ -244,17 +283,63 @@ def _needs_param_grad(*mods) -> bool:
 
 
 def folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """fold_bn, cached per (conv, bn) and tensor version; differentiable when grads are needed."""
-    if _needs_param_grad(conv, bn) or torch.compiler.is_compiling():
+    """fold_bn of the current parameters and buffers.
+
+    Folded anew on every call (edits through ``.data``, pruning and parametrizations do not
+    bump version counters, so no cache could be trusted), except for the convolutions of a
+    model passed to :func:`freeze`: their folded weights are cached (still refreshed when a
+    version, storage, device or dtype changes), which is the user's promise that nothing
+    edits the weights behind the version counters. Never cached while gradients are needed
+    or torch.compile / torch.jit trace the call (the fold must be part of the graph)."""
+    if (
+        conv not in _frozen.CONVS
+        or _needs_param_grad(conv, bn)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
         return fold_bn(conv, bn, dtype)
     key = _fold_key(conv, bn, dtype)
     hit = _FOLD_CACHE.get(conv)
     if hit is not None and _same_key(hit[0], key):
         return hit[1]
     with torch.no_grad():
-        val = fold_bn(conv, bn, dtype)
-    _FOLD_CACHE[conv] = (key, val)
-    return val
+        w, b = fold_bn(conv, bn, dtype)
+    # a private copy, never written: a backend may cache a re-layout of it by identity
+    w = _frozen.mark(w.clone() if w is conv.weight else w)
+    _FOLD_CACHE[conv] = (key, (w, b))
+    return w, b
+
+
+def _model_convs(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Deployment mode for evaluation: cache the BatchNorm-folded weights of every fused
+    block of ``model`` (and the cpu backend's oneDNN-packed copies of them) instead of
+    folding on every call. This is a promise that the weights do not change while frozen:
+    edits that bump version counters (in-place ops, ``copy_``, ``load_state_dict``) or
+    move tensors (``.to()``) are still seen, edits through ``.data`` are not. A training-mode
+    forward of a block unfreezes it; :func:`unfreeze` unfreezes the whole model. Returns
+    ``model`` (in place)."""
+    for conv in _model_convs(model):
+        _frozen.CONVS.add(conv)
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze`: fold on every call again and drop the cached folded weights."""
+    for conv in _model_convs(model):
+        _frozen.CONVS.discard(conv)
+        _FOLD_CACHE.pop(conv, None)
+    return model
+
+
+def _thaw(convs) -> None:
+    for conv in convs:
+        if conv in _frozen.CONVS:
+            _frozen.CONVS.discard(conv)
+            _FOLD_CACHE.pop(conv, None)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -337,6 +422,8 @@ def residual_block(
         why = "empty batch"
     if why is None and getattr(_STATE, "unfused", False):
         why = "fusedres.functional.unfused() is active"
+    if why is None:
+        why = _hooked(list(convs) + list(bns) + ([downsample] if downsample is not None and ds is not None else []))
     if why is not None:
         if sync_bn and _batch_stats(bns[0]):
             raise NotImplementedError(
@@ -382,6 +469,14 @@ def residual_block(
         )
 
     train = _batch_stats(bns[0])
+    if train and torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{name}: torch.jit.trace of a fused block in training mode is not supported (running statistics "
+            "and the fused backward cannot be traced); trace the model in eval mode, or use torch.compile / "
+            "torch.export"
+        )
+    if train and _frozen.CONVS:
+        _thaw(list(convs) + list(ds_mods[:1]))
     group = _sync_group(sync_bn, process_group, name) if train else None
     if train and group is None:
         _check_batch(x, convs, preact)

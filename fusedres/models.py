@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import backends
-from .blocks import BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock, conv1x1, conv3x3
+from .blocks import BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock, _not_scriptable, conv1x1, conv3x3
 from .functional import residual_block
 
 __all__ = [
@@ -64,6 +64,8 @@ class ResNet(nn.Module):
 
     x: (N, 3, H, W) -> logits (N, num_classes).
     """
+
+    __prepare_scriptable__ = _not_scriptable
 
     def __init__(
         self,
@@ -230,6 +232,8 @@ class CifarResNet(nn.Module):
     x: (N, 3, 32, 32) -> logits (N, num_classes). Pre-activation nets end with a
     BatchNorm + ReLU (``final_bn``) before the pool.
     """
+
+    __prepare_scriptable__ = _not_scriptable
 
     def __init__(
         self,

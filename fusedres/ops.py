@@ -340,6 +340,7 @@ def conv_bias_act_eager(x: Tensor, backend: str):
     if (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or type(x) is not Tensor
         or torch._C._len_torch_function_stack() > 0
         or torch._C._len_torch_dispatch_stack() > 0

@@ -38,3 +38,27 @@ def assert_same_step(ours, theirs, x, train, atol=1e-9, rtol=1e-7):
         assert_close(p.grad, q.grad, atol=atol * 10, rtol=rtol * 10, name=n)
     for (n, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
         assert_close(b.double(), c.double(), atol=1e-10, rtol=1e-8, name=n)
+
+
+def cpu_backends():
+    """The backends that run on CPU tensors here (triton through its interpreter)."""
+    import fusedres
+
+    return [
+        n for n, st in fusedres.available_backends().items()
+        if st.available and fusedres.backends._device_error(n, torch.device("cpu")) is None
+    ]
+
+
+def randomise_frozen_bn(model, seed=0):
+    """Non-trivial buffers for every torchvision FrozenBatchNorm2d of ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                c = m.weight.shape[0]
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model

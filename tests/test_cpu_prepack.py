@@ -1,6 +1,6 @@
-"""The cpu backend's inference convolutions use weights pre-packed into oneDNN's blocked
-layout, cached per weight version and input shape: results equal the reference, and the
-cache never serves a stale weight."""
+"""The cpu backend's inference convolutions: frozen models (fusedres.freeze) use weights
+pre-packed into oneDNN's blocked layout for channels_last inputs, cached per input shape;
+results equal the reference, and a version bump is still seen."""
 
 import copy
 
@@ -35,6 +35,7 @@ def _bottleneck():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_prepacked_inference_matches_reference(make, channels_last):
     model, ref = _pair(make())
+    fusedres.freeze(model)
     CpuBackend._packed.clear()
     for shape in [(2, 0, 9, 9), (3, 0, 9, 9), (2, 0, 9, 9), (1, 0, 6, 7)]:
         x = torch.randn(shape[0], model.conv1.in_channels, *shape[2:])
@@ -43,12 +44,13 @@ def test_prepacked_inference_matches_reference(make, channels_last):
         with torch.no_grad():
             got, want = model(x), ref(x)
         assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"output {list(x.shape)}")
-    assert len(CpuBackend._packed) > 0, "no weight was pre-packed: the packed path did not run"
+    assert (len(CpuBackend._packed) > 0) == channels_last, "packing should happen for channels_last only"
 
 
 def test_weight_update_invalidates_the_packed_copy():
     model, ref = _pair(fusedres.BasicBlock(6, 6))
-    x = torch.randn(2, 6, 8, 8)
+    fusedres.freeze(model)
+    x = torch.randn(2, 6, 8, 8).to(memory_format=torch.channels_last)
     with torch.no_grad():
         before = model(x)
         for m in (model, ref):
@@ -61,8 +63,9 @@ def test_weight_update_invalidates_the_packed_copy():
 
 def test_no_packing_when_gradients_are_needed():
     model, ref = _pair(fusedres.BasicBlock(6, 6))
+    fusedres.freeze(model)
     CpuBackend._packed.clear()
-    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    x = torch.randn(2, 6, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
     out = model(x)  # eval mode, autograd on: weights stay differentiable
     out.sum().backward()
     assert len(CpuBackend._packed) == 0

@@ -1,5 +1,8 @@
-"""The real ``torchvision.models.resnet`` for tests (see ``fusedres._torchvision`` for how it
-is imported where ``import torchvision`` itself fails against a CPU-only torch)."""
+"""The real torchvision for tests (see ``fusedres._torchvision`` for how it is imported where
+``import torchvision`` itself fails against a CPU-only torch): its ResNet definitions, its
+detection backbones and FX feature extraction, and timm (which imports torchvision)."""
+
+import importlib
 
 import pytest
 
@@ -15,3 +18,15 @@ def load_torchvision_resnet():
             allow_module_level=True,
         )
     return mod
+
+
+def import_torchvision(name):
+    """``torchvision.<name>`` (a pure-Python module), importable once the ResNet module is."""
+    load_torchvision_resnet()
+    return importlib.import_module(f"torchvision.{name}")
+
+
+def load_timm():
+    """timm, imported after torchvision is importable; skip the caller if it is not installed."""
+    load_torchvision_resnet()
+    return pytest.importorskip("timm")
