@@ -35,7 +35,7 @@ import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,8 @@ class Case:
     resolution: int
     dtype: str  # "float32" | "bfloat16" | "float16" (16-bit: autocast with fp32 weights)
     cuda_graphs: bool = False
+    # this case's own provider subset (same matching as ``--providers``); None: all
+    providers: Optional[Tuple[str, ...]] = None
 
 
 @dataclass
@@ -81,16 +83,35 @@ class Row:
 # ------------------------------------------------------------------------------ models
 
 
+def _imagenet_models() -> List[str]:
+    from . import models
+
+    return [n for n in models.__all__ if n[0].islower() and n != "cifar_resnet"]
+
+
+def _cifar_depth(name: str) -> Optional[int]:
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m and int(m.group(1)) >= 8 and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) not in (18, 34, 50, 101, 152):
+        return int(m.group(1))
+    return None
+
+
+def check_model(name: str) -> None:
+    """SystemExit with the valid names unless ``name`` is a model the runner can build."""
+    if name not in _imagenet_models() and _cifar_depth(name) is None:
+        raise SystemExit(f"fusedres bench: unknown model {name!r}; valid: {', '.join(_imagenet_models())}, "
+                         "or a CIFAR net resnetD with D = 6n+2 (resnet20, resnet56, resnet110, ...)")
+
+
 def _build_fused(name: str) -> nn.Module:
     """A fusedres builder by name: ``resnet50``, ``resnext50_32x4d``, ... or a CIFAR net
     ``resnet20`` / ``resnet56`` / ``resnet110`` (depth 6n+2, option-A shortcuts, 10 classes)."""
     import fusedres
 
-    m = re.fullmatch(r"resnet(\d+)", name)
-    if m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) not in (18, 34, 50, 101, 152):
-        return fusedres.cifar_resnet(int(m.group(1)))
-    if name not in fusedres.models.__dict__ or name.startswith("_"):
-        raise SystemExit(f"unknown model {name!r}")
+    check_model(name)
+    depth = _cifar_depth(name)
+    if depth is not None:
+        return fusedres.cifar_resnet(depth)
     return getattr(fusedres.models, name)()
 
 
@@ -193,7 +214,31 @@ def _flops(model: nn.Module, x: torch.Tensor, train: bool) -> Optional[float]:
 # ------------------------------------------------------------------------------ runner
 
 
-def _providers(case: Case, device: torch.device, include: Optional[List[str]]) -> List[str]:
+BASE_PROVIDERS = ("eager", "compile", "compile-freeze", "compile-max-autotune", "compile-cudagraphs")
+
+
+def provider_names() -> List[str]:
+    """Every provider name the runner knows (whether or not usable on this machine)."""
+    from . import backends
+
+    return list(BASE_PROVIDERS) + [f"fusedres-{b}" for b in backends.BACKEND_NAMES]
+
+
+def check_providers(names: Sequence[str]) -> None:
+    """SystemExit naming the valid choices if any name is neither a provider nor a prefix
+    group (``compile``: every compile-*, ``fusedres``: every fusedres backend)."""
+    valid = provider_names() + ["fusedres"]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise SystemExit(f"fusedres bench: unknown provider{'s' if len(bad) > 1 else ''} "
+                         f"{', '.join(repr(b) for b in bad)}; valid: {', '.join(valid)}")
+
+
+def _providers(case: Case, device: torch.device, include: Optional[List[str]], exact: bool = False) -> List[str]:
+    """The providers of ``case`` usable on ``device``, in the order of ``include`` (eager
+    always first). ``include`` names match a provider exactly or as a prefix group
+    (``compile`` also selects ``compile-freeze``, ...); with ``exact`` they match exactly and
+    eager is kept only if named (rows to be merged with an eager row timed before)."""
     import fusedres
 
     names = ["eager", "compile"]
@@ -208,8 +253,17 @@ def _providers(case: Case, device: torch.device, include: Optional[List[str]]) -
             if b == "triton" and device.type != "cuda":
                 continue  # the interpreter is a correctness tool, not something to time
             names.append(f"fusedres-{b}")
+
+    def select(names, wanted, exact):
+        out = ["eager"] if "eager" in names and not exact else []
+        for p in wanted:
+            out += [n for n in names if (n == p or (not exact and n.startswith(p + "-"))) and n not in out]
+        return out
+
+    if case.providers is not None:
+        names = select(names, case.providers, False)
     if include:
-        names = [n for n in names if any(n == p or n.startswith(p + "-") or n == "eager" for p in include)]
+        names = select(names, include, exact)
     return names
 
 
@@ -261,13 +315,35 @@ def _time_interleaved(fns: List[Callable[[int], None]], device: torch.device, re
     return out
 
 
+def _ratios(rows: List[Row], mode: str) -> None:
+    """vs_eager / vs_compile (compile-freeze for inference) of the rows of one case, and for
+    interleaved rows the median of the per-round ratios; rows whose base is missing keep None."""
+    eager = next((r for r in rows if r.provider == "eager" and r.ms_p50), None)
+    comp = next((r for r in rows if r.provider == ("compile-freeze" if mode == "infer" else "compile")
+                 and r.ms_p50), None)
+    for r in rows:
+        if r.ms_p50:
+            r.vs_eager = eager.ms_p50 / r.ms_p50 if eager else None
+            r.vs_compile = comp.ms_p50 / r.ms_p50 if comp else None
+            # interleaved rows: also the median of the per-round ratios (each round times
+            # every provider back to back, so these pair calls made at the same machine speed)
+            for key, base in (("vs_eager_paired", eager), ("vs_compile_paired", comp)):
+                if base is not None and "ms_per_round" in r.extra and "ms_per_round" in base.extra:
+                    pairs = zip(base.extra["ms_per_round"], r.extra["ms_per_round"])
+                    r.extra[key] = statistics.median(b / t for b, t in pairs)
+
+
 def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inputs: int = 4,
              include: Optional[List[str]] = None, progress=None, seed: int = 0,
-             interleave: Optional[bool] = None) -> List[Row]:
+             interleave: Optional[bool] = None, on_row: Optional[Callable[[Row], None]] = None,
+             exact: bool = False, compile_backend: str = "inductor") -> List[Row]:
     """Rows of one case, one per provider. ``interleave`` (default: on CPU) sets every
     provider up first and times them round by round (``_time_interleaved``); otherwise each
     provider is timed alone, in turn, which keeps CUDA peak-memory figures per provider
-    (interleaved rows report no peak memory, every model being resident at once)."""
+    (interleaved rows report no peak memory, every model being resident at once).
+    ``on_row(row)`` is called as each row is complete (sequential: after each provider),
+    with ``vs_eager`` already set. ``compile_backend`` is torch.compile's backend for the
+    compile-* rows (a rehearsal on a slow machine may pass "eager": dynamo alone)."""
     torch.manual_seed(seed)
     if interleave is None:
         interleave = device.type != "cuda"
@@ -303,7 +379,7 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
 
     rows: List[Row] = []
     pending = []  # interleaved: (row, timed call, the objects it keeps alive)
-    for prov in _providers(case, device, include):
+    for prov in _providers(case, device, include, exact):
         row = Row(case.model, case.mode, case.batch, case.resolution, case.dtype, prov, cuda_graphs=case.cuda_graphs)
         row.extra["baseline"] = baseline_src
         if interleave:
@@ -318,7 +394,9 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
                 mode = {"compile-max-autotune": "max-autotune", "compile-cudagraphs": "reduce-overhead"}.get(prov)
                 if not interleave:  # interleaved compiled models must keep their code caches
                     torch._dynamo.reset()
-                fn = torch.compile(model, mode=mode)
+                if compile_backend != "inductor":
+                    row.extra["compile_backend"] = compile_backend
+                fn = torch.compile(model, mode=mode, backend=compile_backend)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
 
             def step(i, fn=fn, model=model, opt=opt, freeze=freeze):
@@ -357,6 +435,10 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
         except Exception as e:  # noqa: BLE001  (one failing provider must not lose the others' rows)
             failed(row, e)
         rows.append(row)
+        if not (interleave and row.error is None):  # interleaved rows are complete after the rounds
+            _ratios(rows, case.mode)
+            if on_row is not None:
+                on_row(row)
         if progress is not None and not interleave:
             progress.update(1)
     if pending:
@@ -370,22 +452,14 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
         except Exception as e:  # noqa: BLE001
             for row, _, _ in pending:
                 failed(row, e)
+        _ratios(rows, case.mode)
+        if on_row is not None:
+            for row, _, _ in pending:
+                on_row(row)
         pending.clear()
     if progress is not None and interleave:
         progress.update(len(rows))
-    eager = next((r for r in rows if r.provider == "eager" and r.ms_p50), None)
-    comp = next((r for r in rows if r.provider == ("compile-freeze" if case.mode == "infer" else "compile")
-                 and r.ms_p50), None)
-    for r in rows:
-        if r.ms_p50:
-            r.vs_eager = eager.ms_p50 / r.ms_p50 if eager else None
-            r.vs_compile = comp.ms_p50 / r.ms_p50 if comp else None
-            # interleaved rows: also the median of the per-round ratios (each round times
-            # every provider back to back, so these pair calls made at the same machine speed)
-            for key, base in (("vs_eager_paired", eager), ("vs_compile_paired", comp)):
-                if base is not None and "ms_per_round" in r.extra and "ms_per_round" in base.extra:
-                    pairs = zip(base.extra["ms_per_round"], r.extra["ms_per_round"])
-                    r.extra[key] = statistics.median(b / t for b, t in pairs)
+    _ratios(rows, case.mode)
     return rows
 
 
@@ -426,7 +500,11 @@ def default_cases(device: torch.device, quick: bool = False) -> List[Case]:
         return cases
     cases = [Case("resnet50", "infer", 8, 224, "float32")]
     if quick:
-        cases = [Case("resnet18", "infer", 2, 64, "float32"), Case("resnet20", "train", 8, 32, "float32")]
+        # a smoke run of every provider kind in about a minute on 2 cores: compiling a
+        # training step takes that long by itself on such a machine, so training is timed
+        # for eager and the fusedres backends only
+        cases = [Case("resnet20", "infer", 2, 32, "float32"),
+                 Case("resnet20", "train", 4, 32, "float32", providers=("eager", "fusedres"))]
     return cases
 
 
@@ -458,8 +536,14 @@ def _versions() -> Dict[str, Optional[str]]:
 
 
 def run(cases: List[Case], device: torch.device, reps: int, min_time: float, include=None,
-        progress: bool = True, interleave: Optional[bool] = None) -> dict:
-    total = sum(len(_providers(c, device, include)) for c in cases)
+        progress: bool = True, interleave: Optional[bool] = None,
+        on_update: Optional[Callable[[dict], None]] = None, exact: bool = False,
+        compile_backend: str = "inductor", ceilings: Optional[Dict[str, dict]] = None) -> dict:
+    """Every case's rows as one result dict (the JSON format). ``on_update(result)`` is called
+    after each row, with the rows so far and ``complete`` False, and once at the end (True),
+    so a caller can persist partial results. ``ceilings`` ({dtype: ...}) reuses ceilings
+    measured earlier on this device instead of measuring them."""
+    total = sum(len(_providers(c, device, include, exact)) for c in cases)
     bar = None
     if progress:
         try:
@@ -468,34 +552,159 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
             bar = tqdm(total=total, desc="fusedres bench", unit="row")
         except ImportError:
             bar = None
-    ceilings = {}
+    ceilings = dict(ceilings or {})
     for dt in sorted({c.dtype for c in cases}):
-        ceilings[dt] = measure_ceilings(device, DTYPES[dt])
-    rows: List[Row] = []
-    for c in cases:
-        for r in run_case(c, device, reps, min_time, include=include, progress=bar, interleave=interleave):
-            ceil = ceilings[c.dtype]["gemm_tflops"]
-            if r.tflops is not None and ceil:
-                r.frac_of_gemm_ceiling = r.tflops / ceil
-            rows.append(r)
-    if bar is not None:
-        bar.close()
-    return {
+        if dt not in ceilings:
+            ceilings[dt] = measure_ceilings(device, DTYPES[dt])
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FUSEDRES_") or k == "TORCH_CUDA_ARCH_LIST"}
+    result = {
         "device": device_name(device),
+        "device_type": device.type,
         **_versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "ceilings": ceilings,
         "settings": {"reps": reps, "min_time_s": min_time, "tf32_conv": torch.backends.cudnn.allow_tf32,
                      "threads": torch.get_num_threads(),
                      "timing": "interleaved" if (device.type != "cuda" if interleave is None else interleave)
-                     else "sequential"},
-        "cases": [asdict(r) for r in rows],
+                     else "sequential", "env": env},
+        "complete": False,
+        "cases": [],
     }
+    if compile_backend != "inductor":
+        result["settings"]["compile_backend"] = compile_backend
+    done: List[Row] = []
+
+    def on_row(r: Row) -> None:
+        ceil = result["ceilings"][r.dtype]["gemm_tflops"]
+        if r.tflops is not None and ceil:
+            r.frac_of_gemm_ceiling = r.tflops / ceil
+        done.append(r)
+        result["cases"] = [asdict(x) for x in done]
+        if on_update is not None:
+            on_update(result)
+
+    for c in cases:
+        first = len(done)
+        run_case(c, device, reps, min_time, include=include, progress=bar, interleave=interleave, on_row=on_row,
+                 exact=exact, compile_backend=compile_backend)
+        _ratios(done[first:], c.mode)  # ratios to bases timed after a row (compile after fusedres)
+    if bar is not None:
+        bar.close()
+    result["cases"] = [asdict(x) for x in done]
+    result["complete"] = True
+    if on_update is not None:
+        on_update(result)
+    return result
 
 
-def format_table(result: dict) -> str:
+# ------------------------------------------------------------------------------ results files
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON atomically (a reader, or a kill, never sees a half-written file)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def unused_path(path: str) -> str:
+    """``path``, or ``<stem>-2<ext>``, ``-3``, ... : the first that does not exist yet."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    i = 2
+    while os.path.exists(f"{stem}-{i}{ext}"):
+        i += 1
+    return f"{stem}-{i}{ext}"
+
+
+def _case_key(r: dict) -> tuple:
+    return (r["model"], r["mode"], r["batch"], r["resolution"], r["dtype"], bool(r.get("cuda_graphs")))
+
+
+def recompute_ratios(result: dict) -> dict:
+    """vs_eager / vs_compile of every row against the rows of its case in ``result`` (for
+    results merged from several runs on one device); returns ``result``."""
+    by_case: Dict[tuple, List[dict]] = {}
+    for r in result["cases"]:
+        by_case.setdefault(_case_key(r), []).append(r)
+    for key, rows in by_case.items():
+        eager = next((r for r in rows if r["provider"] == "eager" and r["ms_p50"]), None)
+        base = "compile-freeze" if key[1] == "infer" else "compile"
+        comp = next((r for r in rows if r["provider"] == base and r["ms_p50"]), None)
+        for r in rows:
+            if r["ms_p50"]:
+                r["vs_eager"] = eager["ms_p50"] / r["ms_p50"] if eager else None
+                r["vs_compile"] = comp["ms_p50"] / r["ms_p50"] if comp else None
+    return result
+
+
+def merge_results(old: Optional[dict], new: dict) -> dict:
+    """``new``'s rows appended to ``old``'s (a row of the same case and provider replaces the
+    old one); ceilings and settings of both kept, ratios recomputed across the merged rows."""
+    if old is None:
+        return recompute_ratios(copy.deepcopy(new))
+    out = copy.deepcopy(old)
+    keys = {(_case_key(r), r["provider"]) for r in new["cases"]}
+    out["cases"] = [r for r in out["cases"] if (_case_key(r), r["provider"]) not in keys] + copy.deepcopy(new["cases"])
+    for dt, c in new["ceilings"].items():
+        out["ceilings"].setdefault(dt, c)
+    out["complete"] = bool(old.get("complete", True)) and bool(new.get("complete", True))
+    runs = out.setdefault("runs", [dict(date=old["date"], settings=old["settings"])])
+    runs.append(dict(date=new["date"], settings=new["settings"]))
+    return recompute_ratios(out)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _roofline_module():
+    """``benchmarks/roofline.py`` of the checkout this file lives in, or None (an installed
+    copy of fusedres has no benchmarks folder)."""
+    import importlib.util
+    import sys
+
+    if "fusedres_roofline" in sys.modules:
+        return sys.modules["fusedres_roofline"]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "benchmarks", "roofline.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("fusedres_roofline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fusedres_roofline"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception:  # noqa: BLE001  (a prediction is informative, never required)
+        del sys.modules["fusedres_roofline"]
+        return None
+    return mod
+
+
+def predictions(result: dict) -> Dict[tuple, float]:
+    """{(case key, provider): predicted ms} from the traffic model at the ceilings measured in
+    ``result``; GPU results only (the model counts device-memory traffic), {} when the model
+    is not available here."""
+    if result.get("device_type", "cuda" if "threads)" not in result.get("device", "") else "cpu") != "cuda":
+        return {}
+    mod = _roofline_module()
+    if mod is None:
+        return {}
+    try:
+        return mod.predict_results(result)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -> str:
+    """The rows as a text table; with ``predicted`` ({(case key, provider): ms}, see
+    :func:`predictions`) also the traffic model's time and measured/model ratio."""
     hdr = ["model", "mode", "batch", "res", "dtype", "provider", "img/s", "ms p50 [p20,p80]", "x eager", "x compile",
            "peak MiB", "TFLOP/s"]
+    if predicted:
+        hdr += ["model ms", "of model"]
     lines = []
 
     def paired(r, key):  # interleaved runs: the median per-round ratio, in parentheses
@@ -503,6 +712,7 @@ def format_table(result: dict) -> str:
         return "" if v is None else f" ({v:.2f})"
 
     for r in result["cases"]:
+        pred = (predicted or {}).get((_case_key(r), r["provider"]))
         if r["error"]:
             cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
                      "error: " + r["error"][:60], "", "", "", "", ""]
@@ -513,6 +723,9 @@ def format_table(result: dict) -> str:
                      f(r["vs_eager"], ".2f") + paired(r, "vs_eager_paired"),
                      f(r["vs_compile"], ".2f") + paired(r, "vs_compile_paired"),
                      f(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None, ".0f"), f(r["tflops"], ".3g")]
+        if predicted:
+            ok = pred is not None and not r["error"] and r["ms_p50"]
+            cells += [f"{pred:.2f}" if pred is not None else "", f"{pred / r['ms_p50']:.2f}" if ok else ""]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
     out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
@@ -521,7 +734,12 @@ def format_table(result: dict) -> str:
                      for k, v in result["ceilings"].items())
     note = ""
     if any("vs_eager_paired" in (r.get("extra") or {}) for r in result["cases"]):
-        note = "\n(x.xx): median of per-round ratios (interleaved timing)"
+        note += "\n(x.xx): median of per-round ratios (interleaved timing)"
+    if predicted:
+        note += ("\nmodel ms: benchmarks/roofline.py at the ceilings above (each launch at max(FLOPs/GEMM rate, "
+                 "bytes/copy rate)); of model: model ms / measured ms")
+    if not result.get("complete", True):
+        note += "\n(incomplete: the run was stopped before its last row)"
     return (f"{result['device']} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n"
             + "\n".join(out) + note)
 
@@ -581,17 +799,23 @@ def default_output(result: dict, root: str = os.path.join("benchmarks", "results
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--quick", action="store_true", help="small cases (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="small cases (a smoke run; about a minute on 2 CPU cores)")
     p.add_argument("--case", action="append", default=[],
                    help="MODEL:MODE:BATCH:RES:DTYPE[:graphs], e.g. resnet50:infer:8:224:float32 (repeatable)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated subset (eager is always kept), e.g. compile-freeze,fusedres-cpu")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on CUDA, 10 on CPU)")
+                   help="comma-separated subset (eager is always kept), e.g. compile-freeze,fusedres-cpu; "
+                        "'compile' and 'fusedres' also select every compile-* / fusedres-* provider")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on CUDA, 10 on CPU, 3 quick)")
     p.add_argument("--min-time", type=float, default=None, help="minimum timed seconds per row")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/<device>-<date>.json); an existing file is never "
+                        "overwritten: -2, -3, ... is added to the name")
     p.add_argument("--plot", default=None, metavar="RESULTS_JSON",
                    help="render PNG charts from a results file instead of running")
     p.add_argument("--png", default=None, help="PNG path for --plot (default: next to the JSON)")
+    p.add_argument("--table", default=None, metavar="RESULTS_JSON",
+                   help="print the table of a results file instead of running (GPU results: with the traffic "
+                        "model's prediction per row)")
     p.add_argument("--timing", choices=("auto", "interleaved", "sequential"), default="auto",
                    help="interleaved: every provider set up first, then timed round by round (robust to a "
                         "machine whose speed drifts; no per-provider peak memory); sequential: one provider "
@@ -600,10 +824,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_case(spec: str) -> Case:
+    """``MODEL:MODE:BATCH:RES:DTYPE[:graphs]``; SystemExit with the valid choices otherwise."""
     parts = spec.split(":")
+    form = f"expected MODEL:train|infer:BATCH:RES:{'|'.join(DTYPES)}[:graphs]"
     if len(parts) not in (5, 6) or parts[1] not in ("train", "infer") or parts[4] not in DTYPES:
-        raise SystemExit(f"--case {spec!r}: expected MODEL:train|infer:BATCH:RES:{'|'.join(DTYPES)}[:graphs]")
-    return Case(parts[0], parts[1], int(parts[2]), int(parts[3]), parts[4], len(parts) == 6 and parts[5] == "graphs")
+        raise SystemExit(f"fusedres bench: --case {spec!r}: {form}")
+    if not (parts[2].isdigit() and parts[3].isdigit() and int(parts[2]) > 0 and int(parts[3]) > 0):
+        raise SystemExit(f"fusedres bench: --case {spec!r}: BATCH and RES must be positive integers ({form})")
+    if len(parts) == 6 and parts[5] != "graphs":
+        raise SystemExit(f"fusedres bench: --case {spec!r}: the optional sixth field can only be 'graphs' ({form})")
+    check_model(parts[0])
+    return Case(parts[0], parts[1], int(parts[2]), int(parts[3]), parts[4], len(parts) == 6)
 
 
 def main(args) -> int:
@@ -614,17 +845,31 @@ def main(args) -> int:
         for path in plot(result, png):
             print("wrote", path)
         return 0
+    if args.table:
+        with open(args.table) as f:
+            result = json.load(f)
+        print(format_table(result, predictions(result)))
+        return 0
+    # every argument is checked before anything runs
+    include = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if include is not None:
+        check_providers(include)
+    cases = [parse_case(s) for s in args.case]
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = [parse_case(s) for s in args.case] or default_cases(dev, args.quick)
-    reps = args.reps or (50 if dev.type == "cuda" else 10)
-    min_time = args.min_time if args.min_time is not None else (1.0 if dev.type == "cuda" else 0.0)
-    include = args.providers.split(",") if args.providers else None
+    cases = cases or default_cases(dev, args.quick)
+    reps = args.reps or (3 if args.quick else 50 if dev.type == "cuda" else 10)
+    min_time = args.min_time if args.min_time is not None else (1.0 if dev.type == "cuda" and not args.quick else 0.0)
     interleave = {"auto": None, "interleaved": True, "sequential": False}[args.timing]
-    result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress, interleave=interleave)
-    out = args.out or default_output(result)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(format_table(result))
+    if include is not None:
+        unusable = [p for p in include if p != "eager" and not any(len(_providers(c, dev, [p])) > 1 for c in cases)]
+        if unusable:
+            print(f"fusedres bench: not usable here, skipped: {', '.join(unusable)} (see `fusedres info`)")
+    # the output path is fixed before the run and the file rewritten after every row, so an
+    # interrupted run leaves the rows it finished; an existing file is never replaced
+    out = unused_path(args.out or default_output({"device": device_name(dev), "date": _dt.datetime.now(
+        _dt.timezone.utc).strftime("%Y-%m-%d")}))
+    result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress, interleave=interleave,
+                 on_update=lambda res: write_json(out, res))
+    print(format_table(result, predictions(result)))
     print("wrote", out)
     return 0 if not any(r["error"] for r in result["cases"]) else 1
