@@ -614,9 +614,6 @@ class Check:
         if not self.dry and shutil.which("nvidia-smi") is None:
             raise SystemExit("gpu_check: no nvidia-smi here; on a machine without a GPU use --dry-run")
         wanted = [s.name for s in STEPS] if not self.args.steps else self.args.steps
-        unknown = [s for s in wanted if s not in BY_NAME]
-        if unknown:
-            raise SystemExit(f"gpu_check: unknown step(s) {', '.join(unknown)}; valid: {', '.join(BY_NAME)}")
         # dependencies: the build (and the wheels it needs) whenever a step uses the extension
         needed = set(wanted) | {"env"}
         if any("build" in BY_NAME[s].needs for s in wanted):
@@ -933,6 +930,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return WORKERS[args.worker](json.loads(args.spec))
+    unknown = [s for s in args.steps or [] if s not in BY_NAME]
+    if unknown:
+        raise SystemExit(f"gpu_check: unknown step{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"valid: {', '.join(BY_NAME)}")
     if args.dry_run:
         args.reps, args.min_time = min(args.reps, 2), 0.0
     return Check(args).main()

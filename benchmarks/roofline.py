@@ -47,6 +47,7 @@ Assumptions (each visible in the launch list, ``--launches``):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -146,7 +147,8 @@ def _conv_of(name: str, m, in_shape, out_shape) -> Conv:
     return Conv(name, n, c, h, w, k, m.kernel_size[0], m.kernel_size[1], m.stride[0], m.padding[0], m.groups, p, q)
 
 
-def structure(model: str, batch: int, resolution: int) -> List[Item]:
+@functools.lru_cache(maxsize=16)
+def structure(model: str, batch: int, resolution: int) -> Tuple[Item, ...]:
     """The model's fused units and other ops in execution order with their shapes, read off a
     forward of the fusedres model on the meta device (no memory, no arithmetic) with its
     torch.nn modules (``fusedres.functional.unfused``)."""
@@ -212,7 +214,7 @@ def structure(model: str, batch: int, resolution: int) -> List[Item]:
         for h in hooks:
             h.remove()
     # the order blocks finish in is the order they run in; the model input needs no gradient
-    return items
+    return tuple(items)
 
 
 # ------------------------------------------------------------------------------ launches
@@ -605,17 +607,14 @@ def predict_results(result: dict) -> Dict[tuple, float]:
     the modelled providers of every case in a ``fusedres bench`` results dict, at the
     ceilings that run measured for the case's dtype."""
     out: Dict[tuple, float] = {}
-    cache: Dict[tuple, List[Item]] = {}
     for r in result["cases"]:
         if r["provider"] not in PROVIDERS or r["dtype"] not in result.get("ceilings", {}):
             continue
         c = result["ceilings"][r["dtype"]]
         ceil = Ceilings(c["gemm_tflops"], c["copy_gb_s"], source="results file")
-        shape = (r["model"], r["batch"], r["resolution"])
-        if shape not in cache:
-            cache[shape] = structure(*shape)
+        items = structure(r["model"], r["batch"], r["resolution"])
         key = (r["model"], r["mode"], r["batch"], r["resolution"], r["dtype"], bool(r.get("cuda_graphs")))
-        out[(key, r["provider"])] = predict(launches(cache[shape], r["provider"], r["mode"], r["dtype"]),
+        out[(key, r["provider"])] = predict(launches(items, r["provider"], r["mode"], r["dtype"]),
                                             r["provider"], r["mode"], ceil).ms
     return out
 
@@ -646,7 +645,7 @@ def shares(preds: Sequence[Prediction], top: int = 8) -> str:
         kinds = sorted(p.by_kind.items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{k} {v / p.ms:.0%}" for k, v in kinds[:top])
         rest = sum(v for _, v in kinds[top:])
-        if rest:
+        if rest >= 0.005 * p.ms:
             shown += f", other {rest / p.ms:.0%}"
         lines.append(f"| {p.mode} | {p.provider} | {shown} |")
     return "\n".join(lines)

@@ -133,3 +133,109 @@ def test_cpu_profile_breaks_a_forward_into_categories():
         prof.providers("resnet18", ("eager", "tensorrt"))
     with pytest.raises(SystemExit):
         prof.main(["--providers", "nope"])
+
+
+# ------------------------------------------------------------------ arguments, files, quick
+
+
+def _no_run(monkeypatch):
+    def ran(*a, **k):
+        raise AssertionError("the runner started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "measure_ceilings", ran)
+    monkeypatch.setattr(bench, "run", ran)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--providers", "eager,fusedres-tensorrt"], ["unknown provider 'fusedres-tensorrt'", "fusedres-triton",
+                                                  "compile-freeze", "fusedres"]),
+    (["--providers", "compil,eagre"], ["unknown providers 'compil', 'eagre'", "compile-max-autotune"]),
+    (["--case", "resnet9000:infer:1:32:float32"], ["unknown model 'resnet9000'", "resnet50", "resnext50_32x4d",
+                                                    "6n+2"]),
+    (["--case", "resnet50:fly:8:224:float32"], ["MODEL:train|infer:BATCH:RES:float32|bfloat16|float16"]),
+    (["--case", "resnet50:infer:eight:224:float32"], ["BATCH and RES must be positive integers"]),
+    (["--case", "resnet50:infer:8:224:float32:grahps"], ["sixth field can only be 'graphs'"]),
+])
+def test_bad_arguments_give_one_line_with_the_choices_before_anything_runs(monkeypatch, argv, expect):
+    _no_run(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--no-progress"] + argv)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("fusedres bench:"), msg
+    for part in expect:
+        assert part in msg, msg
+
+
+def _fake_run(calls):
+    def run(cases, dev, reps, min_time, include=None, progress=True, interleave=None, on_update=None, **kw):
+        res = {"device": "test device", "device_type": "cpu", "torch": "t", "triton": None, "fusedres": "f",
+               "date": "2026-01-01T00:00:00Z", "ceilings": {}, "settings": {}, "complete": False, "cases": []}
+        on_update(res)  # a partial write first, as after a row
+        calls.append([c.model for c in cases])
+        res = dict(res, complete=True)
+        on_update(res)
+        return res
+
+    return run
+
+
+def test_an_existing_results_file_is_never_overwritten(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench, "run", _fake_run(calls))
+    out = tmp_path / "r.json"
+    out.write_text("earlier results")
+    argv = ["bench", "--case", "resnet20:infer:1:16:float32", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert out.read_text() == "earlier results"
+    assert json.loads((tmp_path / "r-2.json").read_text())["complete"] is True
+    assert json.loads((tmp_path / "r-3.json").read_text())["complete"] is True
+    assert "wrote " + str(tmp_path / "r-3.json") in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-2.json", "r-3.json", "r.json"]  # no temporaries
+    assert bench.unused_path(str(tmp_path / "new.json")) == str(tmp_path / "new.json")
+
+
+def test_rows_reach_the_caller_as_each_finishes():
+    snaps = []
+    res = bench.run([bench.Case("resnet20", "infer", 1, 16, "float32")], DEV, reps=1, min_time=0.0,
+                    include=["fusedres-reference"], progress=False, interleave=False,
+                    on_update=lambda r: snaps.append(json.loads(json.dumps(r))))
+    assert [len(s["cases"]) for s in snaps] == [1, 2, 2] and [s["complete"] for s in snaps] == [False, False, True]
+    assert snaps[1]["cases"][1]["provider"] == "fusedres-reference"
+    assert snaps[1]["cases"][1]["vs_eager"] == pytest.approx(snaps[1]["cases"][0]["ms_p50"] /
+                                                             snaps[1]["cases"][1]["ms_p50"])
+    assert res["cases"] == snaps[-1]["cases"] and res["device_type"] == "cpu"
+
+
+def test_provider_selection_order_and_exact_names():
+    case = bench.Case("resnet20", "infer", 1, 16, "float32")
+    assert bench._providers(case, DEV, ["fusedres-reference", "compile-freeze"]) == [
+        "eager", "fusedres-reference", "compile-freeze"]
+    assert bench._providers(case, DEV, ["compile"]) == ["eager", "compile", "compile-freeze"]
+    assert bench._providers(case, DEV, ["compile"], exact=True) == ["compile"]
+    only = bench.Case("resnet20", "train", 1, 16, "float32", providers=("eager", "fusedres"))
+    assert all(p == "eager" or p.startswith("fusedres-") for p in bench._providers(only, DEV, None))
+
+
+def test_quick_cases_are_a_small_smoke_run():
+    # compiling is what takes minutes on 2 cores: quick compiles one tiny inference model only
+    cases = bench.default_cases(DEV, quick=True)
+    assert {c.mode for c in cases} == {"train", "infer"}
+    for c in cases:
+        assert c.batch * c.resolution ** 2 <= 4 * 32 * 32
+        compiled = [p for p in bench._providers(c, DEV, None) if p.startswith("compile")]
+        assert (compiled == []) == (c.mode == "train"), (c, compiled)
+
+
+def test_merged_results_recompute_ratios_across_runs():
+    def res(rows, date):
+        return {"device": "d", "date": date, "settings": {"reps": 1}, "ceilings": {"float32": {"gemm_tflops": 1}},
+                "complete": True, "cases": [dict(model="m", mode="train", batch=1, resolution=8, dtype="float32",
+                                                 cuda_graphs=False, provider=p, ms_p50=ms) for p, ms in rows]}
+
+    a = res([("eager", 10.0), ("fusedres-cuda", 5.0)], "d1")
+    b = res([("compile", 8.0), ("fusedres-cuda", 4.0)], "d2")
+    m = bench.merge_results(bench.merge_results(None, a), b)
+    rows = {r["provider"]: r for r in m["cases"]}
+    assert list(rows) == ["eager", "compile", "fusedres-cuda"]  # the newer fusedres-cuda row replaced the older
+    assert rows["fusedres-cuda"]["vs_eager"] == pytest.approx(2.5) and rows["fusedres-cuda"]["vs_compile"] == 2.0
+    assert rows["compile"]["vs_eager"] == pytest.approx(1.25) and [r["date"] for r in m["runs"]] == ["d1", "d2"]
