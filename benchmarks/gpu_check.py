@@ -677,6 +677,28 @@ class Check:
 # Each runs in its own process (``--worker KIND --spec JSON``) and imports torch/fusedres.
 
 
+def triton_tuning() -> str:
+    """Make ``FUSEDRES_TRITON_TUNE=off`` hold for this process's triton kernels: "native" if
+    the backend reads the variable itself, "patched" if it did not and this process now gives
+    its autotuner one config per kernel kind (no candidates compiled and timed), "autotune"
+    if tuning stays on (another value, or no triton backend)."""
+    if os.environ.get("FUSEDRES_TRITON_TUNE", "off") != "off":
+        return "autotune"
+    try:
+        import inspect
+
+        from fusedres.triton_kernels import _config
+    except Exception:  # noqa: BLE001
+        return "autotune"
+    if "FUSEDRES_TRITON_TUNE" in inspect.getsource(_config):
+        return "native"
+    if not getattr(_config, "_gpu_check_one_config", False):
+        full = _config._hopper_configs
+        _config._hopper_configs = lambda kind: full(kind)[:1]
+        _config._gpu_check_one_config = True
+    return "patched"
+
+
 def _append(path: str, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -765,6 +787,7 @@ def worker_blocks(spec: dict) -> int:
 
     dev, backend = torch.device(spec["device"]), spec["backend"]
     dtype = getattr(torch, spec["dtype"])
+    tuning = triton_tuning() if backend == "triton" else None
     done = {(r["case"], r["mode"]) for r in read_jsonl(spec["jsonl"])
             if r["backend"] == backend and r["dtype"] == spec["dtype"]}
     st = fusedres.available_backends()[backend]
@@ -792,7 +815,8 @@ def worker_blocks(spec: dict) -> int:
             if (name, mode) in done:
                 continue
             rec = {"case": name, "shape": list(shape), "backend": backend, "dtype": spec["dtype"], "mode": mode,
-                   "ok": False, "error": None, "max_err": None, "max_err_torch": None, "seconds": None}
+                   "ok": False, "error": None, "max_err": None, "max_err_torch": None, "seconds": None,
+                   "triton_tuning": tuning}
             t0 = time.monotonic()
             try:
                 if not st.available:
@@ -851,6 +875,8 @@ def worker_runner(spec: dict) -> int:
         roofline = None
     dev = torch.device(spec["device"])
     status = fusedres.available_backends()
+    tuning = triton_tuning()
+    print("triton tuning:", tuning, flush=True)
     rc = 0
     for case_spec, providers in spec["cases"]:
         case = bench.parse_case(case_spec)
@@ -891,10 +917,10 @@ def worker_runner(spec: dict) -> int:
                                     "error": mr["error"]})
             rc = rc or (1 if r["error"] else 0)
         print(bench.format_table(m, pred), flush=True)
-        if "fusedres-triton" in usable:  # the tile configs the autotuner chose (none with tuning off)
+        if "fusedres-triton" in usable:  # the tile configs the autotuner chose
             from fusedres import triton_kernels
 
-            _append(spec["jsonl"], {"kind": "triton_configs", "case": case_spec,
+            _append(spec["jsonl"], {"kind": "triton_configs", "case": case_spec, "tuning": tuning,
                                     "configs": triton_kernels.chosen_configs()})
     return rc
 

@@ -94,6 +94,7 @@ def test_dry_run_of_every_step(tmp_path):
     blocks = json.loads((out / "blocks.json").read_text())
     assert len(blocks) == 8 and all(b["ok"] and b["error"] is None and b["max_err"] >= 0 for b in blocks)
     assert {(b["backend"], b["dtype"]) for b in blocks} == {("triton", "bfloat16"), ("triton", "float16")}
+    assert {b["triton_tuning"] for b in blocks} <= {"native", "patched"}  # FUSEDRES_TRITON_TUNE=off holds
 
     res = json.loads((out / "results.json").read_text())
     _check_results_file(res)
