@@ -33,6 +33,7 @@ gpu-tests           pytest: CUDA-graph capture, > 2**31 elements, CUTLASS conv p
                     20-step ResNet-18 training parity (tests/test_gpu.py)
 runner-more         ResNet-18 train (batch 128), CIFAR ResNet-56 train (batch 128, 32²),
                     ResNet-50 inference batch 1 with CUDA graphs
+ctest               the torch-free CUDA kernels' own tests (CMake, sm_90a): bn_cuda, conv_cuda
 =================== ======================================================================
 
 Files in ``--out`` (at most 8): ``summary.json`` (every step: status, seconds, counts,
@@ -109,6 +110,7 @@ STEPS = [
     Step("cuda-fp16", "cuda backend, ResNet-50 blocks, fp16", 40, 150, ["build"]),
     Step("gpu-tests", "pytest: CUDA graphs, >2**31 elements, CUTLASS convs, ResNet-18 training", 120, 240, ["build"]),
     Step("runner-more", "runner: ResNet-18, CIFAR ResNet-56, ResNet-50 b1 with CUDA graphs", 120, 240, ["build"]),
+    Step("ctest", "CMake build (sm_90a) and CTest of the torch-free CUDA kernels", 200, 300, ["wheels"]),
 ]
 BY_NAME = {s.name: s for s in STEPS}
 
@@ -167,6 +169,8 @@ class _Forked:
             rc = 1
             try:
                 os.setsid()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handlers
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
@@ -223,8 +227,9 @@ class Check:
         self.log_f = open(os.path.join(self.out, "check.log"), "a")
         self.records: Dict[str, dict] = {}
         self.blocks_jsonl = os.path.join(self.work, "blocks.jsonl")
-        if os.path.exists(self.blocks_jsonl):
-            os.remove(self.blocks_jsonl)
+        for old in glob.glob(os.path.join(self.work, "*.jsonl")):  # records of an earlier command
+            os.remove(old)
+        self.live: set = set()  # processes started and not yet waited for
         self.build_proc: Optional[subprocess.Popen] = None
         self.build_state = "absent"  # absent | running | ok | failed
         self.summary = {
@@ -273,8 +278,6 @@ class Check:
         blocks = read_jsonl(self.blocks_jsonl)
         if blocks or os.path.exists(os.path.join(self.out, "blocks.json")):
             write_json(os.path.join(self.out, "blocks.json"), blocks)
-        self.summary["files"] = sorted(f for f in os.listdir(self.out) if not f.endswith(".tmp"))
-        write_json(os.path.join(self.out, "summary.json"), self.summary)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             tar.add(self.logs, arcname="logs")
@@ -282,7 +285,7 @@ class Check:
         with open(tmp, "wb") as f:
             f.write(buf.getvalue())
         os.replace(tmp, os.path.join(self.out, "logs.tar.gz"))
-        self.summary["files"] = sorted(f for f in os.listdir(self.out) if not f.endswith(".tmp"))
+        self.summary["files"] = sorted({f for f in os.listdir(self.out) if not f.endswith(".tmp")} | {"summary.json"})
         write_json(os.path.join(self.out, "summary.json"), self.summary)
 
     def begin(self, name: str, timeout: float) -> dict:
@@ -328,18 +331,34 @@ class Check:
         fh = open(os.path.join(self.logs, log), "a")
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        self.live.add(proc)
+        return proc
 
-    @staticmethod
-    def kill(proc: subprocess.Popen) -> None:
+    def stop(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: end every step process (each leads its own session, so nothing
+        else would), record the running steps as stopped, save, exit."""
+        for proc in list(self.live):
+            self.kill(proc)
+        for rec in self.summary["steps"]:
+            if rec["status"] in ("running", "pending"):
+                rec["status"], rec["reason"] = ("timeout" if rec["status"] == "running" else "skipped"), \
+                    f"the check was stopped by signal {signum}"
+        self.log(f"stopped by signal {signum}")
+        self.save()
+        os._exit(2)
+
+    def kill(self, proc) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the step's own process group (pip's compilers too)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        self.live.discard(proc)
 
-    def wait(self, proc: subprocess.Popen, timeout: float) -> Optional[int]:
+    def wait(self, proc, timeout: float) -> Optional[int]:
         """The exit status, or None after killing it at ``timeout`` seconds."""
+        self.live.add(proc)
         running = [r for r in self.summary["steps"] if r["status"] == "running"]
         if running:  # where to find it (it leads its own process group)
             running[-1]["pid"] = proc.pid
@@ -349,6 +368,8 @@ class Check:
         except subprocess.TimeoutExpired:
             self.kill(proc)
             return None
+        finally:
+            self.live.discard(proc)
 
     def worker(self, kind: str, spec: dict, log: str, timeout: float, stage: bool, env_extra=None,
                spawn: bool = False) -> Optional[int]:
@@ -422,9 +443,12 @@ class Check:
             return
         if os.path.exists(stamp):
             with open(stamp) as f:
-                if json.load(f).get("source_hash") == src:
+                same = json.load(f).get("source_hash") == src
+            if same:
+                self.inspect_extension(rec, 60)
+                ext = self.summary["extension"] or {}
+                if ext.get("cuda") and ext.get("cutlass"):
                     self.build_state = "ok"
-                    self.inspect_extension(rec, 60)
                     self.end(rec, "ok", "already built from these sources on this machine")
                     return
         self.build_started = time.monotonic()
@@ -531,6 +555,34 @@ class Check:
             status = "failed"
         return status
 
+    def step_ctest(self, rec: dict, timeout: float) -> str:
+        build = os.path.join(self.work, "cmake")
+        cmds = [["cmake", "-S", ROOT, "-B", build, "-DFUSEDRES_WITH_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90a",
+                 f"-DFUSEDRES_PYTHON={sys.executable}"],
+                ["cmake", "--build", build, "-j", str(os.cpu_count() or 8)],
+                ["ctest", "--test-dir", build, "--output-on-failure", "-R", "^(bn_cuda|conv_cuda|conv_cutlass_predicate)$",
+                 "--output-junit", os.path.join(self.logs, "ctest.xml")]]
+        deadline = time.monotonic() + timeout
+        for cmd in cmds:
+            rc = self.wait(self.spawn(cmd, "ctest.log", self.env(False)), deadline - time.monotonic())
+            if rc is None:
+                return "timeout"
+            if rc != 0 and cmd[0] != "ctest":
+                rec["reason"] = f"{cmd[0]} {cmd[1]}: exit status {rc}"
+                return "failed"
+        xml = os.path.join(self.logs, "ctest.xml")
+        if os.path.exists(xml):
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                bad = case.find("failure")
+                if bad is not None:
+                    rec["counts"]["failed"] += 1
+                    rec["failures"].append(case.get("name"))
+                elif case.get("status") == "notrun" or case.find("skipped") is not None:
+                    rec["counts"]["skipped"] += 1
+                else:
+                    rec["counts"]["passed"] += 1
+        return "ok" if rc == 0 else "failed"
+
     def step_pytest(self, rec: dict, timeout: float) -> str:
         xml = os.path.join(self.logs, "gpu-tests.xml")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_gpu.py", "-k", GPU_TESTS,
@@ -569,7 +621,7 @@ class Check:
     def run_step(self, name: str) -> None:
         st = BY_NAME[name]
         est = st.dry_est_s if self.dry else st.est_s
-        if name.startswith("cuda") and self.dry:
+        if (name.startswith("cuda") or name == "ctest") and self.dry:
             self.skip(name, "no GPU (dry run)")
             return
         if name.startswith("cuda") and self.build_state != "ok":
@@ -592,6 +644,8 @@ class Check:
                 status = self.step_runner(rec, timeout)
             elif name == "gpu-tests":
                 status = self.step_pytest(rec, timeout)
+            elif name == "ctest":
+                status = self.step_ctest(rec, timeout)
             else:
                 raise AssertionError(name)
         except Exception as e:  # noqa: BLE001  (a broken step must not stop the others)
@@ -600,6 +654,8 @@ class Check:
         self.end(rec, status, rec.get("reason"))
 
     def main(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
         self.device = "cpu" if self.dry else "cuda"
         self.fork = self.dry and hasattr(os, "fork")
         if self.fork:
@@ -616,8 +672,10 @@ class Check:
         wanted = [s.name for s in STEPS] if not self.args.steps else self.args.steps
         # dependencies: the build (and the wheels it needs) whenever a step uses the extension
         needed = set(wanted) | {"env"}
-        if any("build" in BY_NAME[s].needs for s in wanted):
-            needed |= {"build", "wheels"}
+        for name in list(needed):
+            needed |= set(BY_NAME[name].needs)
+        if "build" in needed:
+            needed.add("wheels")
         order = [s.name for s in STEPS if s.name in needed]
         self.summary["selected"] = order
         for name in order:

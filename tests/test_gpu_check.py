@@ -81,7 +81,7 @@ def test_dry_run_of_every_step(tmp_path):
     assert status.pop("wheels") in ("ok", "skipped")  # ok where a .whl folder exists
     assert status == {"env": "ok", "build": "skipped", "triton-bf16": "ok", "cuda-bf16": "skipped",
                       "runner-r50": "ok", "runner-r50-compile": "ok", "triton-fp16": "ok", "cuda-fp16": "skipped",
-                      "gpu-tests": "ok", "runner-more": "ok"}, status
+                      "gpu-tests": "ok", "runner-more": "ok", "ctest": "skipped"}, status
     assert steps["cuda-bf16"]["reason"] == "no GPU (dry run)"
     assert steps["build"]["command"].startswith("TORCH_CUDA_ARCH_LIST=9.0a FUSEDRES_FORCE_CUDA=1")
     assert summary["device"]["torch"] == torch.__version__ and summary["extension"]["fusedres"]
@@ -123,12 +123,21 @@ def test_budget_skips_what_does_not_fit_and_names_the_continuation(tmp_path):
     assert summary["next"] == "bash .ci/gpu_check.sh --steps runner-r50,triton-fp16"
 
 
-def test_a_run_killed_midway_leaves_valid_files(tmp_path):
+def _gone(pid):
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_a_run_stopped_midway_leaves_valid_files(tmp_path, sig):
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work), "--steps", "runner-more"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=str(ROOT),
                             start_new_session=True)
-    results, rows = out / "results.json", []
+    results, rows, running = out / "results.json", [], []
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
@@ -138,12 +147,12 @@ def test_a_run_killed_midway_leaves_valid_files(tmp_path):
                     break
             time.sleep(0.2)
         assert rows, "no row was written"
+        running = [s.get("pid") for s in json.loads((out / "summary.json").read_text())["steps"]
+                   if s["status"] == "running" and s.get("pid")]
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
     finally:
-        running = []
-        if (out / "summary.json").exists():
-            running = [s.get("pid") for s in json.loads((out / "summary.json").read_text())["steps"]
-                       if s["status"] == "running" and s.get("pid")]
-        for pid in [proc.pid] + running:
+        for pid in [proc.pid] + running:  # whatever is left (a KILLed driver cannot end its steps)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -152,10 +161,14 @@ def test_a_run_killed_midway_leaves_valid_files(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     res = json.loads(results.read_text())
     _check_results_file(res)
-    assert len(res["cases"]) >= 1
-    if proc.returncode == -signal.SIGKILL:
-        assert summary["complete"] is False and res["complete"] in (False, True)
-    assert len(os.listdir(out)) <= 8
+    assert len(res["cases"]) >= 1 and len(os.listdir(out)) <= 8
+    if sig == signal.SIGTERM:  # the driver ends its step's process and says so
+        assert proc.returncode == 2 and all(_gone(pid) for pid in running)
+        assert summary["complete"] is False
+        stopped = [s for s in summary["steps"] if s["reason"] and "stopped by signal" in s["reason"]]
+        assert stopped and {s["status"] for s in stopped} <= {"timeout", "skipped"}
+    elif proc.returncode == -signal.SIGKILL:
+        assert summary["complete"] is False
 
 
 def test_unknown_step_is_refused_before_anything_runs(tmp_path):
