@@ -6,7 +6,7 @@
 # (default 510 s), each result written as soon as it exists. Steps, files and how to carry
 # the wheels: benchmarks/gpu_check.py and benchmarks/README.md.
 #
-#   bash .ci/gpu_check.sh                           # into $OUT (default ./gpu-out)
+#   bash .ci/gpu_check.sh                           # into $OUT (default /tmp/fusedres-gpu-out)
 #   bash .ci/gpu_check.sh --steps cuda-fp16,gpu-tests   # a continuation (also STEPS=...)
 #   bash .ci/gpu_check.sh --dry-run --out /tmp/x    # the rehearsal on CPU (CI runs it)
 set -uo pipefail

@@ -994,8 +994,8 @@ WORKERS = {"env": worker_env, "blocks": worker_blocks, "runner": worker_runner, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-out"),
-                   help="output folder (default $OUT, else ./gpu-out)")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "fusedres-gpu-out"),
+                   help="output folder (default $OUT, else /tmp/fusedres-gpu-out)")
     p.add_argument("--steps", type=lambda s: [x for x in s.replace(" ", ",").split(",") if x],
                    default=[x for x in os.environ.get("STEPS", "").replace(" ", ",").split(",") if x] or None,
                    help="comma-separated steps to run (default: all that fit; $STEPS also works); the build is "
