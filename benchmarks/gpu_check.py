@@ -560,8 +560,8 @@ class Check:
         cmds = [["cmake", "-S", ROOT, "-B", build, "-DFUSEDRES_WITH_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90a",
                  f"-DFUSEDRES_PYTHON={sys.executable}"],
                 ["cmake", "--build", build, "-j", str(os.cpu_count() or 8)],
-                ["ctest", "--test-dir", build, "--output-on-failure", "-R", "^(bn_cuda|conv_cuda|conv_cutlass_predicate)$",
-                 "--output-junit", os.path.join(self.logs, "ctest.xml")]]
+                ["ctest", "--test-dir", build, "--output-on-failure", "-R",
+                 "^(bn_cuda|conv_cuda|conv_cutlass_predicate)$", "--output-junit", os.path.join(self.logs, "ctest.xml")]]
         deadline = time.monotonic() + timeout
         for cmd in cmds:
             rc = self.wait(self.spawn(cmd, "ctest.log", self.env(False)), deadline - time.monotonic())

@@ -384,7 +384,7 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
     f(ch.name, "bn_add_act", a * (out + res) + 2 * STAT * last.k + dual, a * out, 4 * out)
 
     # backward
-    def reduce(grad_elems: int, cv: Conv, with_out: bool, bn: str):
+    def reduce(cv: Conv, with_out: bool, bn: str):
         reads = (3 if with_out else 2) * a * cv.y + 4 * STAT * cv.k
         tiles = _triton_tiles(cv.m) if backend == "triton" else 1
         b(bn, "bn_backward_reduce", reads, tiles * 2 * cv.k * STAT, 4 * cv.y)
@@ -410,12 +410,12 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
         b(cv.name, kind, a * (cv.y + cv.wt) + extra_read, a * cv.x, cv.flops, True)
 
     bn_last = f"{ch.name}.bn{n}"
-    reduce(out, last, ch.relu, bn_last)
+    reduce(last, ch.relu, bn_last)
     apply(last, ch.relu, bn_last)
     if ch.shortcut in ("identity", "tensor") and ch.relu:
         b(ch.name, "act_grad", 2 * a * out, a * out, out)
     if ch.ds is not None:
-        reduce(out, ch.ds, ch.relu, f"{ch.name}.downsample.1")
+        reduce(ch.ds, ch.relu, f"{ch.name}.downsample.1")
         apply(ch.ds, ch.relu, f"{ch.name}.downsample.1")
         wgrad(ch.ds, "conv_wgrad", 0, False)
         if ch.needs_dx:
@@ -440,7 +440,7 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
                 dgrad(cv, "bn_apply_conv_backward.dgrad", 0)
             wgrad(cv, "bn_apply_conv_backward.wgrad", 0, i > 0)
         if i > 0:
-            reduce(ch.convs[i - 1].y, ch.convs[i - 1], False, f"{ch.name}.bn{i}")
+            reduce(ch.convs[i - 1], False, f"{ch.name}.bn{i}")
     _shortcut_bwd(b, ch, a)
 
 
@@ -681,9 +681,8 @@ def readme_section() -> str:
         ]
         ds = ceilings_for(gpu, "datasheet")
         dpreds = model_predictions("resnet50", 256, 224, "bfloat16", ("train", "infer"), ds)
-        ratio = ", ".join(
-            f"{p.mode} {p.provider} {next(q for q in dpreds if q.mode == p.mode and q.provider == 'eager').ms / p.ms:.2f}×"
-            for p in dpreds if p.provider != "eager")
+        eager_ms = {q.mode: q.ms for q in dpreds if q.provider == "eager"}
+        ratio = ", ".join(f"{p.mode} {p.provider} {eager_ms[p.mode] / p.ms:.2f}×" for p in dpreds if p.provider != "eager")
         parts += ["", f"At datasheet ceilings ({ds.gemm_tflops:.0f} TFLOP/s, {ds.copy_gb_s / 1e3:.2f} TB/s) the "
                       f"ratios to eager are: {ratio}."]
     parts.append(README_END)
