@@ -2,7 +2,7 @@
 a fixed time budget, most valuable first, writing every result the moment it exists.
 
     bash .ci/gpu_check.sh                                  # all steps that fit, into $OUT
-    bash .ci/gpu_check.sh --steps fp16,gpu-tests,runner-more   # a second, shorter command
+    bash .ci/gpu_check.sh --steps cuda-fp16,gpu-tests,runner-more   # a second, shorter command
     python3 benchmarks/gpu_check.py --dry-run --out DIR    # every step on CPU, tiny shapes
 
 It is written for a machine that is lent for minutes and reaches no package index: the
@@ -11,6 +11,8 @@ CUTLASS headers come as a wheel in ``.whl/`` (see benchmarks/README.md), one com
 in its own process with a timeout (a hung kernel or a poisoned CUDA context costs that step,
 not the run), and a step starts only if its estimate fits in what is left of ``--budget``.
 A kill at any moment leaves valid files: JSON is replaced atomically, never appended to.
+The dry run imports torch once in the driver and forks each step's process from it (the
+same worker code, without an interpreter start per step on a slow CI machine).
 
 Steps (dependencies are added when needed):
 
@@ -26,9 +28,9 @@ triton-bf16         the ResNet-50 block configurations (and the stem) on the tri
 cuda-bf16           the same on the cuda backend (after the build)
 runner-r50          ``fusedres bench`` rows: ResNet-50 train and infer, batch 256, 224², bf16:
                     eager, fusedres-cuda, fusedres-triton (each row saved as it finishes)
-runner-r50-compile  the torch.compile rows of those cases (compile; compile-freeze)
+runner-r50-compile  the torch.compile rows of those cases (compile; compile-freeze, compile)
 triton-fp16         block correctness in fp16 (runs during the build when that is slower)
-cuda-fp16           ...
+cuda-fp16           the same on the cuda backend
 gpu-tests           pytest: CUDA-graph capture, > 2**31 elements, CUTLASS conv primitives,
                     20-step ResNet-18 training parity (tests/test_gpu.py)
 runner-more         ResNet-18 train (batch 128), CIFAR ResNet-56 train (batch 128, 32²),
