@@ -929,13 +929,8 @@ def worker_runner(spec: dict) -> int:
     import torch
 
     import fusedres
-    from fusedres import bench
+    from fusedres import bench, roofline
 
-    sys.path.insert(0, HERE)
-    try:
-        import roofline
-    except Exception:  # noqa: BLE001  (a prediction is informative, never required)
-        roofline = None
     dev = torch.device(spec["device"])
     status = fusedres.available_backends()
     tuning = triton_tuning()
@@ -966,11 +961,10 @@ def worker_runner(spec: dict) -> int:
                         ceilings=(old or {}).get("ceilings"))
         m = merged["res"]
         pred = {}
-        if roofline is not None:
-            try:
-                pred = roofline.predict_results(m)
-            except Exception as e:  # noqa: BLE001
-                print("roofline:", e)
+        try:
+            pred = roofline.predict_results(m)
+        except Exception as e:  # noqa: BLE001  (a prediction is informative, never required)
+            print("roofline:", e)
         for r in res["cases"]:
             key = (bench._case_key(r), r["provider"])
             mr = next(x for x in m["cases"] if (bench._case_key(x), x["provider"]) == key)

@@ -662,41 +662,15 @@ def merge_results(old: Optional[dict], new: dict) -> dict:
 # ------------------------------------------------------------------------------ report
 
 
-def _roofline_module():
-    """``benchmarks/roofline.py`` of the checkout this file lives in, or None (an installed
-    copy of fusedres has no benchmarks folder)."""
-    import importlib.util
-    import sys
-
-    if "fusedres_roofline" in sys.modules:
-        return sys.modules["fusedres_roofline"]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "benchmarks", "roofline.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location("fusedres_roofline", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fusedres_roofline"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except Exception:  # noqa: BLE001  (a prediction is informative, never required)
-        del sys.modules["fusedres_roofline"]
-        return None
-    return mod
-
-
 def predictions(result: dict) -> Dict[tuple, float]:
     """{(case key, provider): predicted ms} from the traffic model at the ceilings measured in
-    ``result``; GPU results only (the model counts device-memory traffic), {} when the model
-    is not available here."""
+    ``result``, for the providers the model has; GPU results only (the model counts
+    device-memory traffic)."""
     if result.get("device_type", "cuda" if "threads)" not in result.get("device", "") else "cpu") != "cuda":
         return {}
-    mod = _roofline_module()
-    if mod is None:
-        return {}
-    try:
-        return mod.predict_results(result)
-    except Exception:  # noqa: BLE001
-        return {}
+    from . import roofline
+
+    return roofline.predict_results(result)
 
 
 def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -> str:
@@ -737,7 +711,7 @@ def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -
     if any("vs_eager_paired" in (r.get("extra") or {}) for r in result["cases"]):
         note += "\n(x.xx): median of per-round ratios (interleaved timing)"
     if predicted:
-        note += ("\nmodel ms: benchmarks/roofline.py at the ceilings above (each launch at max(FLOPs/GEMM rate, "
+        note += ("\nmodel ms: fusedres.roofline at the ceilings above (each launch at max(FLOPs/GEMM rate, "
                  "bytes/copy rate)); of model: model ms / measured ms")
     if not result.get("complete", True):
         note += "\n(incomplete: the run was stopped before its last row)"

@@ -1,31 +1,20 @@
-"""benchmarks/roofline.py: the model's layer shapes, the bytes and FLOPs of single launches
+"""fusedres.roofline: the model's layer shapes, the bytes and FLOPs of single launches
 against hand calculation, whole-model FLOPs against torch's own FLOP counter, the timing
 rule, predictions beside a results file, and the README tables it generated."""
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedres
-from fusedres import bench
+from fusedres import bench, roofline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load():
-    if "roofline_under_test" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("roofline_under_test", ROOT / "benchmarks" / "roofline.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["roofline_under_test"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["roofline_under_test"]
-
-
-rl = _load()
+rl = roofline
 
 
 def _one(lns, layer, kind):
@@ -174,7 +163,7 @@ def test_predictions_beside_a_results_file():
 
 def test_readme_tables_are_the_models_current_output():
     text = (ROOT / "benchmarks" / "README.md").read_text()
-    assert rl.readme_section() in text, "run: python benchmarks/roofline.py --update-readme"
+    assert rl.readme_section() in text, "run: python -m fusedres.roofline --update-readme"
 
 
 def test_cli(capsys):
