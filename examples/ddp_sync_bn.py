@@ -22,9 +22,11 @@ def main() -> None:
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.cuda else torch.device("cpu")
+    if args.cuda:
+        torch.cuda.set_device(device)  # before NCCL starts: this rank's collectives and kernels use its GPU
     dist.init_process_group("nccl" if args.cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.cuda else torch.device("cpu")
     torch.manual_seed(0)  # same initial weights on every rank
     model = fusedres.convert_sync_batchnorm(fusedres.cifar_resnet(20)).to(device)
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if args.cuda else None)

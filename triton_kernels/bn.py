@@ -6,7 +6,9 @@ Elementwise kernels walk the output in its own memory order (NHWC or NCHW, so st
 contiguous) and read every input through its four logical strides, so inputs in another
 layout, or non-contiguous, need no copy. Reductions work on tiles of (rows = pixels,
 columns = channels) and write per-tile partials that are merged in a fixed order: no
-atomics, results are deterministic.
+atomics, results are deterministic. bn_finalize merges the (count, mean, M2) partials of
+the training forward with a tree of fixed shape (``tl.reduce`` within a program, levels of
+programs), so thousands of tiles per channel take a few parallel launches.
 """
 
 from __future__ import annotations
@@ -212,30 +214,58 @@ def _bn_bwd_reduce_kernel(
 
 
 @triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) statistics, in float64. The mean is a
+    weighted sum rather than mean + delta*nb/n: the same in finite arithmetic, and +Inf stays
+    +Inf when both sides average to +Inf (as a sum does). An empty side (count 0: padding
+    of the tree) leaves the other unchanged, whichever side it is on."""
+    tot = n_a + n_b
+    safe = tl.where(tot > 0, tot, 1.0)
+    delta = mean_b - mean_a
+    m2 = m2_a + m2_b + delta * delta * n_a * n_b / safe
+    mean = (n_a * mean_a + n_b * mean_b) / safe
+    m2 = tl.where(n_b > 0, tl.where(n_a > 0, m2, m2_b), m2_a)
+    mean = tl.where(n_b > 0, tl.where(n_a > 0, mean, mean_b), mean_a)
+    return tot, mean, m2
+
+
+@triton.jit
+def _merge_tiles(part_ptr, t0, T, C, rc, mask_c, TILES: tl.constexpr):
+    """Merge partials [t0, t0 + TILES) ∩ [0, T) of [T, 3, C] for channels ``rc`` with a
+    fixed-shape reduction tree (``tl.reduce``): same order on every run, no atomics."""
+    rt = t0 + tl.arange(0, TILES)
+    mask = (rt < T)[:, None] & mask_c[None, :]
+    base = rt[:, None].to(tl.int64) * 3 * C + rc[None, :]
+    n = tl.load(part_ptr + base, mask=mask, other=0.0).to(tl.float64)
+    mean = tl.load(part_ptr + base + C, mask=mask, other=0.0).to(tl.float64)
+    m2 = tl.load(part_ptr + base + 2 * C, mask=mask, other=0.0).to(tl.float64)
+    return tl.reduce((n, mean, m2), 0, _chan_combine)
+
+
+@triton.jit
+def _bn_merge_kernel(part_ptr, out_ptr, T, C, TILES: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one level of the tree: partials [T, 3, C] -> [cdiv(T, TILES), 3, C] in float64
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = rc < C
+    pid = tl.program_id(0)
+    n, mean, m2 = _merge_tiles(part_ptr, pid * TILES, T, C, rc, mask_c, TILES)
+    base = pid.to(tl.int64) * 3 * C
+    tl.store(out_ptr + base + rc, n, mask=mask_c)
+    tl.store(out_ptr + base + C + rc, mean, mask=mask_c)
+    tl.store(out_ptr + base + 2 * C + rc, m2, mask=mask_c)
+
+
+@triton.jit
 def _bn_finalize_kernel(
     part_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     T, C, mom_hi, mom_lo, eps_hi, eps_lo,
-    UPDATE: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE: tl.constexpr, FIX_BF16: tl.constexpr, TILES: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # the last level of the tree (T <= TILES partials), then the per-channel outputs
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = rc < C
-    # Chan merge in tile order, in float64 (count, mean, M2)
-    n = tl.load(part_ptr + rc, mask=mask, other=0.0).to(tl.float64)
-    mean = tl.load(part_ptr + C + rc, mask=mask, other=0.0).to(tl.float64)
-    m2 = tl.load(part_ptr + 2 * C + rc, mask=mask, other=0.0).to(tl.float64)
-    for t in range(1, T):
-        base = t * 3 * C  # T*3*C is far below 2**31
-        nb = tl.load(part_ptr + base + rc, mask=mask, other=0.0).to(tl.float64)
-        mb = tl.load(part_ptr + base + C + rc, mask=mask, other=0.0).to(tl.float64)
-        m2b = tl.load(part_ptr + base + 2 * C + rc, mask=mask, other=0.0).to(tl.float64)
-        tot = n + nb
-        safe = tl.where(tot > 0, tot, 1.0)
-        delta = mb - mean
-        # weighted-sum mean: keeps +-Inf like a plain sum when tiles average to the same Inf
-        m2 = tl.where(nb > 0, m2 + m2b + delta * delta * n * nb / safe, m2)
-        mean = tl.where(nb > 0, (n * mean + nb * mb) / safe, mean)
-        n = tot
+    n, mean, m2 = _merge_tiles(part_ptr, 0, T, C, rc, mask, TILES)
     # float scalars arrive as float32: each hyper-parameter is passed as a float32 pair
     momentum = tl.cast(mom_hi, tl.float64) + tl.cast(mom_lo, tl.float64)
     eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
@@ -288,9 +318,9 @@ def batch_stats(x: torch.Tensor) -> torch.Tensor:
     bm, bc = _red_blocks(m, c)
     part = torch.empty((triton.cdiv(m, bm), 3, c), dtype=_stat_dtype(x.dtype), device=x.device)
     if part.numel():
-        _batch_stats_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, part, m, c, h, w, *x.stride(), ACC64=x.dtype == torch.float64, BLOCK_M=bm, BLOCK_C=bc
-        )
+        _config.launch_fixed(_batch_stats_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+                             (x, part, m, c, h, w, *x.stride()),
+                             dict(ACC64=x.dtype == torch.float64, BLOCK_M=bm, BLOCK_C=bc))
     return part
 
 
@@ -301,6 +331,10 @@ def _split_f64(v: float):
 
 
 def bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps):
+    """Chan-merge the [T, 3, C] partials and finalize. The merge is a tree of fixed shape:
+    levels of ``merge_tiles_per_program()`` partials per program (float64 in between), so the
+    result depends on T alone (bitwise the same on every run), and a BatchNorm over thousands
+    of tiles takes a few short, parallel launches instead of one serial loop."""
     t, _, c = partials.shape
     partials = partials.contiguous()
     outs = [torch.empty((c,), dtype=partials.dtype, device=partials.device) for _ in range(4)]
@@ -309,10 +343,17 @@ def bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
     # the running statistics are updated in place; work on contiguous views of them
     rm_c, rv_c = rm.contiguous(), rv.contiguous()
     if c and t:
-        bc = 64 if _config.interpreting() else 256
-        _bn_finalize_kernel[(triton.cdiv(c, bc),)](
-            partials, gamma, beta, rm_c, rv_c, *outs, t, c, *_split_f64(momentum), *_split_f64(eps),
-            UPDATE=update, FIX_BF16=_fix_bf16(rm_c.dtype), BLOCK_C=bc,
+        tiles = _config.merge_tiles_per_program()
+        bc = 16 if _config.interpreting() else 32
+        while t > tiles:
+            merged = torch.empty((triton.cdiv(t, tiles), 3, c), dtype=torch.float64, device=partials.device)
+            _config.launch_fixed(_bn_merge_kernel, (merged.shape[0], triton.cdiv(c, bc)), (partials, merged, t, c),
+                                 dict(TILES=tiles, BLOCK_C=bc, num_warps=4))
+            partials, t = merged, merged.shape[0]
+        _config.launch_fixed(
+            _bn_finalize_kernel, (triton.cdiv(c, bc),),
+            (partials, gamma, beta, rm_c, rv_c, *outs, t, c, *_split_f64(momentum), *_split_f64(eps)),
+            dict(UPDATE=update, FIX_BF16=_fix_bf16(rm_c.dtype), TILES=tiles, BLOCK_C=bc, num_warps=4),
         )
     if update:
         if rm_c.data_ptr() != running_mean.data_ptr():
@@ -331,13 +372,14 @@ def bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, re
     res = residual if residual is not None else y
     dual = res_scale is not None
     blk = _block()
-    _bn_add_act_kernel[(triton.cdiv(total, blk),)](
-        y, out, scale, shift, res,
-        res_scale if dual else scale, res_shift if dual else shift,
-        sample_scale if sample_scale is not None else scale,
-        total, c, h, w, *y.stride(), *res.stride(),
-        HAS_RES=residual is not None, DUAL=dual, HAS_SAMPLE=sample_scale is not None, RELU=bool(relu),
-        OUT_CL=_cl(out), ACC64=y.dtype == torch.float64, FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk,
+    _config.launch_fixed(
+        _bn_add_act_kernel, (triton.cdiv(total, blk),),
+        (y, out, scale, shift, res,
+         res_scale if dual else scale, res_shift if dual else shift,
+         sample_scale if sample_scale is not None else scale,
+         total, c, h, w, *y.stride(), *res.stride()),
+        dict(HAS_RES=residual is not None, DUAL=dual, HAS_SAMPLE=sample_scale is not None, RELU=bool(relu),
+             OUT_CL=_cl(out), ACC64=y.dtype == torch.float64, FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
     )
     return out
 
@@ -353,11 +395,12 @@ def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_sc
         z = torch.zeros((c,), dtype=sd, device=y.device)
         return z, z.clone()
     o = out if out is not None else y
-    _bn_bwd_reduce_kernel[(tiles, triton.cdiv(c, bc))](
-        dout, y, o, scale, shift, sample_scale if sample_scale is not None else scale, mean, invstd, part,
-        m, c, h, w, *dout.stride(), *y.stride(), *o.stride(),
-        HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
-        ACC64=sd == torch.float64, BLOCK_M=bm, BLOCK_C=bc,
+    _config.launch_fixed(
+        _bn_bwd_reduce_kernel, (tiles, triton.cdiv(c, bc)),
+        (dout, y, o, scale, shift, sample_scale if sample_scale is not None else scale, mean, invstd, part,
+         m, c, h, w, *dout.stride(), *y.stride(), *o.stride()),
+        dict(HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
+             ACC64=sd == torch.float64, BLOCK_M=bm, BLOCK_C=bc),
     )
     # fixed-order reductions over tiles: deterministic; two separate outputs (no aliasing)
     return part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
@@ -377,12 +420,34 @@ def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_sca
     cc = -a * sum_g / m - b * mean
     o = out if out is not None else y
     blk = _block()
-    _bn_bwd_apply_kernel[(triton.cdiv(total, blk),)](
-        dout, y, o, dy, scale, shift, sample_scale if sample_scale is not None else scale,
-        a.contiguous(), b.contiguous(), cc.contiguous(),
-        total, c, h, w, *dout.stride(), *y.stride(), *o.stride(),
-        HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
-        OUT_CL=_cl(dy), ACC64=sd == torch.float64, FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk,
+    _config.launch_fixed(
+        _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
+        (dout, y, o, dy, scale, shift, sample_scale if sample_scale is not None else scale,
+         a.contiguous(), b.contiguous(), cc.contiguous(),
+         total, c, h, w, *dout.stride(), *y.stride(), *o.stride()),
+        dict(HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
+             OUT_CL=_cl(dy), ACC64=sd == torch.float64, FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
+    )
+    return dy
+
+
+def bn_apply_coefs(dh, y, scale, shift, coefs):
+    """dy = A*g + B*y + C with g = dh where y*scale + shift > 0 (else 0) and ``coefs`` =
+    [A; B; C] per channel ([3, C]): the BatchNorm(+ReLU) backward apply with precomputed
+    coefficients, stored in y's layout and dtype (what the conv kernels compute on load)."""
+    n, c, h, w = y.shape
+    dy = _empty_like_layout(y)
+    total = dy.numel()
+    if total == 0:
+        return dy
+    coefs = coefs.contiguous()
+    blk = _block()
+    _config.launch_fixed(
+        _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
+        (dh, y, y, dy, scale, shift, scale, coefs[0], coefs[1], coefs[2],
+         total, c, h, w, *dh.stride(), *y.stride(), *y.stride()),
+        dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=False, OUT_CL=_cl(dy), ACC64=coefs.dtype == torch.float64,
+             FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
     )
     return dy
 
@@ -394,7 +459,7 @@ def act_grad(dout, out):
     if total == 0:
         return dx
     blk = _block()
-    _act_grad_kernel[(triton.cdiv(total, blk),)](
-        dout, out, dx, total, c, h, w, *dout.stride(), *out.stride(), OUT_CL=_cl(dx), BLOCK=blk,
-    )
+    _config.launch_fixed(_act_grad_kernel, (triton.cdiv(total, blk),),
+                         (dout, out, dx, total, c, h, w, *dout.stride(), *out.stride()),
+                         dict(OUT_CL=_cl(dx), BLOCK=blk))
     return dx
