@@ -18,6 +18,35 @@ if not torch.cuda.is_available():
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
+
+def _check_install():
+    """Fail the run, loudly, when the fusedres under test is a bare source tree: there
+    ``fusedres.triton_kernels`` (mapped from ``triton_kernels/`` by the build) and the C++
+    extension are missing, and every test of those backends would quietly skip."""
+    import importlib.util
+
+    import fusedres
+    from fusedres import _ext
+
+    missing = []
+    if importlib.util.find_spec("fusedres.triton_kernels") is None:
+        missing.append("fusedres.triton_kernels")
+    skip_ext = os.environ.get("FUSEDRES_DISABLE_EXT", "0") == "1" or os.environ.get("FUSEDRES_SKIP_EXT", "0") == "1"
+    if not skip_ext and not _ext.status()["loaded"]:
+        missing.append(f"the C++ extension ({_ext.status()['reason']})")
+    if missing:
+        pytest.exit(
+            f"fusedres imported from {os.path.dirname(fusedres.__file__)} lacks {' and '.join(missing)}: "
+            "install it (`pip install --no-build-isolation .`) and run `pytest tests` "
+            "(not `python -m pytest`, which puts the source tree first on sys.path); "
+            "FUSEDRES_DISABLE_EXT=1 tests without the extension on purpose",
+            returncode=4,
+        )
+
+
+def pytest_sessionstart(session):
+    _check_install()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

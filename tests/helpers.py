@@ -62,3 +62,35 @@ def randomise_frozen_bn(model, seed=0):
                 m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
+
+
+def grid(core, ids=None, **axes):
+    """Every combination of ``axes`` (name -> list of values, in parametrize order) as pytest
+    params for ``@pytest.mark.parametrize(",".join(axes), grid(...))``.
+
+    The default tier keeps the combinations for which ``core`` -- called with each axis's
+    *index* as a keyword -- is true, chosen so that every value of every axis still appears;
+    the rest carry the ``heavy`` mark (``pytest -m heavy`` runs them). ``ids`` maps an axis
+    name to the test-id strings of its values (default ``str``)."""
+    import itertools
+
+    import pytest
+
+    ids = ids or {}
+    names = list(axes)
+    out, kept = [], {n: set() for n in names}
+    for idx in itertools.product(*(range(len(axes[n])) for n in names)):
+        at = dict(zip(names, idx))
+        label = "-".join(ids[n][i] if n in ids else str(axes[n][i]) for n, i in at.items())
+        if core(**at):
+            marks = ()
+            for n, i in at.items():
+                kept[n].add(i)
+        else:
+            marks = (pytest.mark.heavy,)
+        out.append(pytest.param(*(axes[n][i] for n, i in at.items()), id=label, marks=marks))
+    for n in names:  # the default tier must still see every value of every axis
+        missing = sorted(set(range(len(axes[n]))) - kept[n])
+        if missing:
+            raise ValueError(f"grid: the default tier never takes {n}{missing}")
+    return out

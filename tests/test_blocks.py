@@ -10,7 +10,7 @@ import fusedres
 from fusedres.autograd import ChainSpec, ConvGeom, PostActBlock, PreActBlock
 from fusedres.blocks import conv1x1
 from fusedres.testing import assert_close, check_against_fp64
-from helpers import randomise
+from helpers import grid, randomise
 from nn_reference import reference_for
 
 
@@ -82,10 +82,16 @@ def fused_and_ref(build, shape, dtype, layout, train, seed=0, backend="auto"):
     return got, want, out
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
-@pytest.mark.parametrize("case", BLOCKS, ids=IDS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+LAYOUTS = ["contiguous", "channels_last", "noncontig"]
+MODES = [True, False]
+MODE_IDS = ["train", "eval"]
+LOW = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# default tier: each (backend, block, mode) in one layout, the layout turning with the block
+@pytest.mark.parametrize("backend,case,layout,train", grid(
+    lambda backend, case, layout, train: layout == (case + train) % 3,
+    ids={"case": IDS, "train": MODE_IDS}, backend=CPU_BACKENDS, case=BLOCKS, layout=LAYOUTS, train=MODES))
 def test_block_matches_torch_nn_float64(backend, case, layout, train):
     _, build, shape = case
     got, want, out = fused_and_ref(build, shape, torch.float64, layout, train, backend=backend)
@@ -99,10 +105,10 @@ def test_block_matches_torch_nn_float64(backend, case, layout, train):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", BLOCKS, ids=IDS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# default tier: each (backend, block) in one (mode, dtype), turning with the block and backend
+@pytest.mark.parametrize("backend,case,train,dtype", grid(
+    lambda backend, case, train, dtype: train * 3 + dtype == (case + backend) % 6,
+    ids={"case": IDS, "train": MODE_IDS}, backend=CPU_BACKENDS, case=BLOCKS, train=MODES, dtype=LOW))
 def test_block_low_precision_within_2x_of_torch(backend, case, train, dtype):
     """err(fused vs fp64) <= 2 * err(torch in the same dtype vs fp64) + slack."""
     _, build, shape = case
@@ -286,9 +292,11 @@ GC = [
 ]
 
 
+# fast gradcheck (a random projection of the Jacobian) by default, the full one in the heavy tier
+@pytest.mark.parametrize("fast", [pytest.param(True, id="fast"), pytest.param(False, id="full", marks=pytest.mark.heavy)])
 @pytest.mark.parametrize("with_sample", [False, True], ids=["", "drop_path"])
 @pytest.mark.parametrize("case", GC, ids=[c[0] for c in GC])
-def test_gradcheck_block_functions(case, with_sample):
+def test_gradcheck_block_functions(case, with_sample, fast):
     _, preact, cs, shortcut, ds = case
     spec = _spec(preact, len(cs), shortcut, ds, relu=not preact)
     if ds is not None and ds.stride == (2, 2):
@@ -308,9 +316,10 @@ def test_gradcheck_block_functions(case, with_sample):
 
     inputs = tuple(t for t in tensors if t is not None) if res is not None else (x,) + tuple(p for p in params if p is not None)
     if res is None:
-        assert torch.autograd.gradcheck(lambda x, *flat: f(x, None, *flat), inputs, atol=1e-6, rtol=1e-5)
+        assert torch.autograd.gradcheck(lambda x, *flat: f(x, None, *flat), inputs, atol=1e-6, rtol=1e-5,
+                                        fast_mode=fast)
     else:
-        assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5)
+        assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
 def test_gradcheck_conv_bias_act_with_prologue():

@@ -37,6 +37,7 @@ def test_compiled_block_fullgraph_matches_eager(train, compile_backend):
             assert_close(b, c, atol=1e-6, rtol=1e-6, name=n)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_whole_resnet50_compiles_fullgraph(train):
     # aot_eager traces forward and backward through every fused op exactly as inductor

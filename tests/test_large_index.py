@@ -70,6 +70,7 @@ def test_triton_kernels_index_past_2_31():
 _cpu = fusedres.available_backends()["cpu"]
 
 
+@pytest.mark.heavy  # allocates and sweeps more than 2**31 elements
 @pytest.mark.skipif(not _cpu.available, reason=f"cpu backend not available: {_cpu.reason}")
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_cpu_kernels_on_more_than_2_31_elements(layout):

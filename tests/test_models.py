@@ -37,9 +37,9 @@ def test_state_dict_keys_and_shapes_equal_torchvision(tvr, name):
     [
         ("resnet18", {"num_classes": 7}),
         ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),
-        ("resnext50_32x4d", {}),
-        ("wide_resnet50_2", {"zero_init_residual": True}),
-        ("resnet34", {"groups": 1, "width_per_group": 64}),
+        pytest.param("resnext50_32x4d", {}, marks=pytest.mark.heavy),
+        pytest.param("wide_resnet50_2", {"zero_init_residual": True}, marks=pytest.mark.heavy),
+        pytest.param("resnet34", {"groups": 1, "width_per_group": 64}, marks=pytest.mark.heavy),
     ],
 )
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres import ops, reference
 from fusedres.testing import assert_close
+from helpers import grid
 
 BACKENDS = [n for n, s in fusedres.available_backends().items() if s.available and n != "cuda"]
 GEOM = ([2, 2], [1, 1], [1, 1], 1)
@@ -163,9 +164,10 @@ def _samples(dtype, fmt):
     }
 
 
-@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("backend", cpu_backends())
+# default tier: each backend in one (dtype, layout), turning with the backend
+@pytest.mark.parametrize("backend,dtype,fmt", grid(
+    lambda backend, dtype, fmt: dtype * 2 + fmt == backend % 4, ids={"fmt": ["nchw", "nhwc"]},
+    backend=cpu_backends(), dtype=[torch.float32, torch.float64], fmt=[torch.contiguous_format, torch.channels_last]))
 def test_opcheck_every_op(backend, dtype, fmt):
     samples = _samples(dtype, fmt)
     assert set(samples) == set(ops.ALL_OPS)

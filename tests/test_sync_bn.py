@@ -84,8 +84,11 @@ def _backends():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("kind", ["bottleneck", "cifar8", "preact"])
-@pytest.mark.parametrize("backend", _backends())
+# two gloo processes per case: each backend once in the default tier, every block kind in the heavy one
+@pytest.mark.parametrize("backend,kind", [
+    pytest.param(b, k, id=f"{b}-{k}", marks=() if (b, k) in (("reference", "preact"), ("cpu", "bottleneck"))
+                 else pytest.mark.heavy)
+    for b in _backends() for k in ("bottleneck", "cifar8", "preact")])
 def test_sync_batchnorm_two_gloo_ranks_equal_one_process_on_the_whole_batch(backend, kind, tmp_path):
     mp.spawn(_worker, args=(_free_port(), kind, backend, str(tmp_path)), nprocs=WORLD, join=True)
     assert sorted(os.listdir(tmp_path)) == [f"rank{r}.ok" for r in range(WORLD)]

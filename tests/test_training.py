@@ -22,6 +22,7 @@ def _train(model, steps, data, lr=0.1):
     return losses
 
 
+@pytest.mark.heavy  # whole-model training parity (fusedres train --parity has the default-tier run)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cifar_resnet20_sgd_parity(dtype):
     fused = fusedres.cifar_resnet(20, "A").to(dtype)

@@ -9,6 +9,7 @@ import torch
 import fusedres
 from fusedres import backends, reference
 from fusedres.testing import assert_close
+from helpers import grid
 
 _ST = fusedres.available_backends()["triton"]
 if not _ST.available:
@@ -73,8 +74,8 @@ def _same_layout(got, want, name):
     )
 
 
-@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,case", grid(lambda dtype, case: dtype == case % 3, ids={"case": CONV_IDS},
+                                            dtype=[torch.float64, torch.float16, torch.bfloat16], case=CONVS))
 def test_conv_stats_with_prologue(case, dtype):
     x, wt, s, t, geom = _conv_case(case, dtype)
     layout = case[-1]
@@ -106,8 +107,8 @@ def test_stats_use_several_tiles():
     assert torch.equal(part[:, 0].sum(0), torch.full_like(part[0, 0], m))
 
 
-@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,case", grid(lambda dtype, case: dtype == case % 3, ids={"case": CONV_IDS},
+                                            dtype=[torch.float64, torch.float32, torch.bfloat16], case=CONVS))
 def test_conv_bias_act_epilogue(case, dtype):
     x, wt, s, t, geom = _conv_case(case, dtype)
     layout = case[-1]
@@ -124,8 +125,8 @@ def test_conv_bias_act_epilogue(case, dtype):
         _same_layout(got, want, "out")
 
 
-@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,case", grid(lambda dtype, case: dtype == case % 3, ids={"case": CONV_IDS},
+                                            dtype=[torch.float64, torch.float16, torch.bfloat16], case=CONVS))
 def test_conv_dgrad_wgrad(case, dtype):
     x, wt, s, t, geom = _conv_case(case, dtype)
     layout = case[-1]
@@ -150,8 +151,8 @@ def test_conv_dgrad_wgrad(case, dtype):
         assert dw.is_contiguous()
 
 
-@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,case", grid(lambda dtype, case: dtype == case % 2, ids={"case": CONV_IDS},
+                                            dtype=[torch.float64, torch.bfloat16], case=CONVS))
 def test_bn_apply_fused_into_dgrad_and_wgrad(case, dtype):
     x, wt, s, t, geom = _conv_case(case, dtype)
     y = R.conv_stats(x, wt, None, None, False, *geom)[0]
@@ -199,9 +200,8 @@ def _bn_inputs(shape, dtype, layout, seed=0):
     return y, vec, sd, n, c
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,shape,layout", grid(lambda dtype, shape, layout: layout == (shape + dtype) % 3,
+                                                   dtype=[torch.float64, torch.float32, torch.float16, torch.bfloat16], shape=BN_SHAPES, layout=LAYOUTS))
 def test_bn_add_act_every_mode(shape, dtype, layout):
     y, vec, sd, n, c = _bn_inputs(shape, dtype, layout)
     other = "contiguous" if layout == "channels_last" else "channels_last"
@@ -216,9 +216,8 @@ def test_bn_add_act_every_mode(shape, dtype, layout):
         _same_layout(got, want, "out")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,shape,layout", grid(lambda dtype, shape, layout: layout == (shape + dtype) % 3,
+                                                   dtype=[torch.float64, torch.float32, torch.bfloat16], shape=BN_SHAPES, layout=LAYOUTS))
 def test_batch_stats_and_finalize(shape, dtype, layout):
     y, vec, sd, n, c = _bn_inputs(shape, dtype, layout)
     part = T.batch_stats(y)
@@ -251,9 +250,8 @@ def test_finalize_updates_strided_running_stats_in_place():
     assert torch.all(base[1::2] == 0)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,shape,layout", grid(lambda dtype, shape, layout: layout == (shape + dtype) % 3,
+                                                   dtype=[torch.float64, torch.float32, torch.float16, torch.bfloat16], shape=BN_SHAPES, layout=LAYOUTS))
 def test_bn_backward_reduce_apply_and_act_grad(shape, dtype, layout):
     y, vec, sd, n, c = _bn_inputs(shape, dtype, layout)
     gen = torch.Generator().manual_seed(3)

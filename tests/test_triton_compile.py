@@ -102,6 +102,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy  # cubin compiles (the sm_90 audit subset compiles in the default tier)
 @pytest.mark.parametrize("cap", [90, 80], ids=["sm90", "sm80"])
 def test_every_kernel_compiles_for_the_gpu(cap, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
