@@ -23,7 +23,7 @@ build               ``pip install .`` for sm_90a only, CUTLASS required; meanwhi
                     triton steps below run from a copy of the sources (no extension needed)
 triton-bf16         the ResNet-50 block configurations (and the stem) on the triton
                     backend, bf16, training (output, input/parameter gradients, running
-                    statistics) and eval, against torch.nn in bf16 and fp64 (the DESIGN §3
+                    statistics) and eval, against torch.nn in bf16 and fp64 (the README Numerics
                     rule), tuning off; every failure counted
 cuda-bf16           the same on the cuda backend (after the build)
 runner-r50          ``fusedres bench`` rows: ResNet-50 train and infer, batch 256, 224², bf16:

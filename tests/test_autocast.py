@@ -1,6 +1,6 @@
 """Fused modules under torch.autocast behave like the torch.nn modules under autocast: the
 convolutions run in the autocast dtype, outputs come out in it, BatchNorm statistics and
-parameter gradients stay float32, values follow DESIGN's low-precision rule, and GradScaler
+parameter gradients stay float32, values follow README's low-precision rule (Numerics), and GradScaler
 drives a training step the same way."""
 
 import copy

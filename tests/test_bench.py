@@ -44,6 +44,7 @@ def test_runner_rows_ratios_and_json(tmp_path):
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in pngs)
 
 
+@pytest.mark.heavy  # inductor compile + timing
 def test_compile_provider_and_cli(tmp_path):
     out = tmp_path / "res.json"
     rc = cli.main(["bench", "--case", "resnet20:infer:2:16:float32", "--providers", "compile-freeze",
@@ -74,6 +75,7 @@ def test_interleaved_timing_runs_rounds_of_every_provider():
     assert calls == [(k, i) for i in range(4) for k in range(3)]
 
 
+@pytest.mark.heavy  # benchmark timing with torch.compile rows
 @pytest.mark.parametrize("timing", ["interleaved", "sequential"])
 def test_timing_modes_give_complete_rows(tmp_path, timing):
     out = tmp_path / "res.json"
@@ -147,23 +149,39 @@ def _no_run(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--providers", "eager,fusedres-tensorrt"], ["unknown provider 'fusedres-tensorrt'", "fusedres-triton",
-                                                  "compile-freeze", "fusedres"]),
-    (["--providers", "compil,eagre"], ["unknown providers 'compil', 'eagre'", "compile-max-autotune"]),
-    (["--case", "resnet9000:infer:1:32:float32"], ["unknown model 'resnet9000'", "resnet50", "resnext50_32x4d",
-                                                    "6n+2"]),
-    (["--case", "resnet50:fly:8:224:float32"], ["MODEL:train|infer:BATCH:RES:float32|bfloat16|float16"]),
+    (["--providers", "eager,fusedres-tensorrt"], ["argument --providers: unknown provider 'fusedres-tensorrt'",
+                                                  "fusedres-triton", "compile-freeze", "fusedres"]),
+    (["--providers", "compil,eagre"], ["argument --providers: unknown providers 'compil', 'eagre'",
+                                       "compile-max-autotune"]),
+    (["--case", "resnet9000:infer:1:32:float32"], ["argument --case: 'resnet9000:infer:1:32:float32': unknown model "
+                                                    "'resnet9000'", "resnet50", "resnext50_32x4d", "6n+2"]),
+    (["--case", "resnet50:fly:8:224:float32"], ["argument --case:",
+                                                 "MODEL:train|infer:BATCH:RES:float32|bfloat16|float16"]),
     (["--case", "resnet50:infer:eight:224:float32"], ["BATCH and RES must be positive integers"]),
     (["--case", "resnet50:infer:8:224:float32:grahps"], ["sixth field can only be 'graphs'"]),
+    (["--reps", "0"], ["argument --reps: expected an integer >= 1, got 0"]),
+    (["--min-time", "-1"], ["argument --min-time: expected a number >= 0"]),
+    (["--device", "tpu"], ["argument --device: 'tpu'", "valid: cpu, cuda"]),
+    (["--timing", "random"], ["argument --timing: invalid choice: 'random'", "'interleaved'"]),
+    (["--plot", "/nonexistent/results.json"], ["argument --plot: '/nonexistent/results.json': no such results file"]),
+    (["--table", "/nonexistent/results.json"], ["argument --table: '/nonexistent/results.json': no such results file"]),
 ])
-def test_bad_arguments_give_one_line_with_the_choices_before_anything_runs(monkeypatch, argv, expect):
+def test_bad_arguments_give_one_line_with_the_choices_before_anything_runs(monkeypatch, capsys, argv, expect):
     _no_run(monkeypatch)
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--no-progress"] + argv)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("fusedres bench:"), msg
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err  # argparse's exit code for a usage error
+    assert err.count("\n") == 1 and err.startswith("fusedres bench: error: argument --"), err
     for part in expect:
-        assert part in msg, msg
+        assert part in err, err
+
+
+def test_the_checks_stop_a_script_with_the_message():
+    """Scripts calling the checks directly (the GPU check, the traffic model) get a SystemExit
+    carrying the line, as before; only ``fusedres bench`` turns it into exit code 2."""
+    with pytest.raises(SystemExit, match="^fusedres bench: error: argument --providers: unknown provider 'x'"):
+        bench.check_providers(["eager", "x"])
 
 
 def _fake_run(calls):
@@ -214,6 +232,30 @@ def test_provider_selection_order_and_exact_names():
     assert bench._providers(case, DEV, ["compile"], exact=True) == ["compile"]
     only = bench.Case("resnet20", "train", 1, 16, "float32", providers=("eager", "fusedres"))
     assert all(p == "eager" or p.startswith("fusedres-") for p in bench._providers(only, DEV, None))
+
+
+@pytest.mark.heavy
+def test_quick_runs_every_provider_kind_end_to_end(tmp_path, capsys):
+    """``fusedres bench --quick`` as a user runs it (about 35 s on 2 cores, most of it compiling)."""
+    out = tmp_path / "quick.json"
+    assert cli.main(["bench", "--quick", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["settings"]["reps"] == 3
+    provs = {(r["mode"], r["provider"]) for r in res["cases"] if r["error"] is None and r["reps"] >= 3}
+    assert {("infer", "eager"), ("infer", "compile"), ("infer", "compile-freeze"), ("train", "eager")} <= provs
+    assert {("infer", p) for p in _fused_providers()} <= provs and {("train", p) for p in _fused_providers()} <= provs
+    assert "wrote " + str(out) in capsys.readouterr().out
+
+
+def test_quick_help_says_what_it_runs_and_how_long():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    text = " ".join(next(a for a in p._actions if a.dest == "quick").help.split())
+    for part in ("ResNet-20 inference (batch 2, 32x32) with every provider", "torch.compile",
+                 "training step (batch 4) with eager and the fusedres backends", "under a minute on 2 cores"):
+        assert part in text, text
 
 
 def test_quick_cases_are_a_small_smoke_run():

@@ -1,6 +1,6 @@
 """GPU tier: every GPU backend on ResNet-18/50 layer shapes in fp32/bf16/fp16, forward,
 backward and running statistics, against the same modules run through torch.nn in the same
-dtype and in float64 (the DESIGN §3 rule), and a 20-step ResNet-18 training run. Skipped
+dtype and in float64 (the rule of README's Numerics section), and a 20-step ResNet-18 training run. Skipped
 without a CUDA device."""
 
 import copy
@@ -91,7 +91,7 @@ def test_block_on_gpu_within_2x_of_torch(backend, case, dtype, train):
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_resnet18_training_20_steps_matches_torch(backend):
     """20 SGD steps of ResNet-18 on random data, bf16 autocast-free storage, fused vs torch.nn
-    from the same weights and data: per-step losses within the DESIGN §3 rule."""
+    from the same weights and data: per-step losses within the rule of README's Numerics section."""
     torch.manual_seed(0)
     base = fusedres.resnet18(num_classes=10)
     data = [(torch.randn(32, 3, 64, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")) for _ in range(4)]
@@ -162,7 +162,7 @@ def _cutlass_backend():
 
 
 def _within_2x(got, want, want64, dtype, name):
-    """DESIGN §3: err(fused vs fp64) <= 2 * err(torch same dtype vs fp64) + slack * max|fp64|."""
+    """README, Numerics: err(fused vs fp64) <= 2 * err(torch same dtype vs fp64) + slack * max|fp64|."""
     from fusedres.testing import SLACK, max_rel_err
 
     err, base = max_rel_err(got, want64), max_rel_err(want, want64)
