@@ -43,17 +43,6 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, const a
                  t.scalar_type());
 }
 
-// multiprocessors of the current device (a cached attribute query; no synchronisation)
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;  // split-K then stays at 1: slower, still correct
-  }
-  return sms;
-}
-
 void check_pair(const char* op, const char* name, at::IntArrayRef v) {
   CONV_CHECK_ARG(v.size() == 2, op, name, "must have 2 entries, got ", v);
 }
@@ -278,7 +267,7 @@ at::Tensor conv_wgrad_cuda(const at::Tensor& dy, const at::Tensor& x, const std:
   auto dw = at::empty(weight_shape, dy.options());
   p.dw = dw.data_ptr();
   p.dw_kcrs = true;
-  p.split_k = conv_wgrad_split_k(g, sm_count());
+  p.split_k = conv_wgrad_split_k(g);
   auto ws = at::empty({static_cast<int64_t>(conv_wgrad_workspace_bytes(g, p.split_k))}, dy.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
   check_status(op, conv_wgrad_cutlass(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -117,11 +117,18 @@ __device__ __forceinline__ void load_pixels(const T* __restrict__ p, int64_t m0,
 #pragma unroll
     for (int j = 0; j < V; ++j) ns[j] = n;
   } else {
+    // one 64-bit division per call (a called subroutine on the GPU, whose calling convention
+    // made the kernel spill when it ran per element); the sample advances at each H*W wrap
+    int64_t n = m0 / hw, rem = m0 - n * hw;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t m = m0 + j, n = m / hw;
+      const int64_t m = m0 + j;
       ns[j] = n;
-      v[j] = m < e ? Cvt<T>::to(p[(n * C + ch) * hw + (m - n * hw)]) : S(0);
+      v[j] = m < e ? Cvt<T>::to(p[(n * C + ch) * hw + rem]) : S(0);
+      if (++rem == hw) {
+        rem = 0;
+        ++n;
+      }
     }
   }
 }

@@ -291,10 +291,10 @@ ConvStatus conv_dgrad_cutlass(const ConvDgradParams& p, cudaStream_t stream) {
 
 // ------------------------------------------------------------------------------ wgrad
 
-int conv_wgrad_split_k(const ConvGeometry& g, int num_sms) {
+int conv_wgrad_split_k(const ConvGeometry& g) {
   const int64_t tiles = ((g.k + 127) / 128) * ((g.r * g.s * g.c + 127) / 128);
   const int64_t k_iters = (g.n * g.p * g.q + 31) / 32;  // 32 = the threadblock's GEMM-K step
-  const int64_t target = 2 * std::max(num_sms, 1);
+  const int64_t target = kWgradSplitTargetCtas;
   int64_t s = tiles >= target ? 1 : target / std::max<int64_t>(tiles, 1);
   s = std::min<int64_t>(s, k_iters / 8);  // keep at least 8 main-loop steps per slice
   s = std::min<int64_t>(s, 64);

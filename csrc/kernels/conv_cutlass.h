@@ -90,9 +90,12 @@ struct ConvWgradParams {
   int split_k = 1;                 // from conv_wgrad_split_k()
   void* workspace = nullptr;       // conv_wgrad_workspace_bytes(g, split_k) bytes, 16-byte aligned
 };
-// Slices that give about two waves of CTAs on `num_sms` multiprocessors (1 when the tile
-// grid alone fills the GPU); a pure function of the geometry and num_sms.
-int conv_wgrad_split_k(const ConvGeometry& g, int num_sms);
+// Slices that give about two waves of CTAs on a 132-multiprocessor GPU (H100/H200 SXM; 1 when
+// the tile grid alone fills it). A pure function of the geometry: the split, and with it the
+// order of the float32 additions, is the same on every GPU model, so results are bitwise
+// reproducible across GPUs (a GPU with fewer multiprocessors runs more waves).
+constexpr int kWgradSplitTargetCtas = 2 * 132;
+int conv_wgrad_split_k(const ConvGeometry& g);
 size_t conv_wgrad_workspace_bytes(const ConvGeometry& g, int split_k);
 ConvStatus conv_wgrad_cutlass(const ConvWgradParams& p, cudaStream_t stream);
 

@@ -93,7 +93,7 @@ void test_predicate() {
                     f.input_relu = kind == ConvKind::kFpropPrologue || kind == ConvKind::kWgradPrologue;
                     if (conv_cutlass_unsupported(kind, dt, g, f) != nullptr) continue;
                     ++accepted;
-                    for (int split : {1, conv_wgrad_split_k(g, 132), conv_wgrad_split_k(g, 108)}) {
+                    for (int split : {1, conv_wgrad_split_k(g)}) {
                       if (split > 1 && kind != ConvKind::kWgrad && kind != ConvKind::kWgradPrologue) continue;
                       ++checked;
                       const ConvStatus st = conv_cutlass_check(kind, dt, g, f, split);
@@ -465,7 +465,7 @@ int run_gpu() {
     for (bool prologue : {false, true}) {
       run_wgrad<T>(g, prologue, true, 1, rng);
       run_wgrad<T>(g, prologue, false, 3, rng);
-      run_wgrad<T>(g, prologue, true, conv_wgrad_split_k(g, 132), rng);
+      run_wgrad<T>(g, prologue, true, conv_wgrad_split_k(g), rng);
     }
   }
   run_fprop<T>(geom(2, 9, 9, 16, 16, 3, 3, 2, 1, 2), true, true, true, false, rng);  // dilation 2
