@@ -10,8 +10,9 @@ from . import ops  # registers the fusedres:: custom ops
 from . import functional, testing
 from .functional import freeze, unfreeze
 from .backends import BackendStatus, BackendUnavailableError, available_backends
-from .blocks import BasicBlock, Bottleneck, ConvBNAct, PadShortcut, PreActBasicBlock, SyncBatchNorm2d
+from .blocks import BasicBlock, Bottleneck, ConvBNAct, FusedSequential, PadShortcut, PreActBasicBlock, SyncBatchNorm2d
 from .convert import ConversionReport, convert, convert_sync_batchnorm, set_backend
+from .explain import Explanation, explain
 from .models import (
     CifarResNet,
     ResNet,
@@ -40,6 +41,7 @@ __all__ = [
     "Bottleneck",
     "PreActBasicBlock",
     "ConvBNAct",
+    "FusedSequential",
     "PadShortcut",
     "SyncBatchNorm2d",
     "convert",
@@ -48,6 +50,8 @@ __all__ = [
     "convert_sync_batchnorm",
     "set_backend",
     "ConversionReport",
+    "explain",
+    "Explanation",
     "functional",
     "models",
     "ResNet",

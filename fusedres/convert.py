@@ -1,17 +1,23 @@
-"""Swap torchvision-style blocks and Conv2d->BatchNorm2d(->ReLU) runs for fused modules.
+"""Swap ResNet blocks and Conv2d->BatchNorm2d(->ReLU) runs for fused modules, keys unchanged.
 
 Only what can be proven equivalent is replaced:
 
 * torchvision ``BasicBlock`` / ``Bottleneck`` instances whose class and ``forward``
-  are torchvision's own. The fused block adopts the original child modules, so
-  every tensor is shared and state_dict keys are unchanged.
-* runs ``Conv2d, BatchNorm2d[, ReLU]`` of consecutive children of an
-  ``nn.Sequential`` (the only container whose forward order is known). The run
-  becomes a ``ConvBNAct`` at the conv's index and ``nn.Identity`` at the others, so
-  later indices keep their names; the run's own keys move from ``i.*``/``i+1.*`` to
-  ``i.conv.*``/``i.bn.*`` (pass ``fuse_runs=False`` to keep them as they are).
+  are torchvision's own. The fused block adopts the original child modules.
+* timm ``resnet.BasicBlock`` / ``resnet.Bottleneck`` (ResNet, ResNeXt, Wide ResNet,
+  ResNet-D, SE-ResNet) and ``resnetv2.PreActBasic`` / ``resnetv2.PreActBottleneck``
+  whose configuration has fusedres semantics: ReLU activations, no anti-aliasing, no
+  DropBlock, stochastic depth by timm's ``DropPath``, BatchNorm (+ReLU). The fused block
+  takes over the timm block's attributes (see ``fusedres.blocks._TimmBlock``); an
+  attention module (``se``) is applied between the fused branch and the residual add.
+* runs ``Conv2d, BatchNorm2d[, ReLU]`` of consecutive children of an ``nn.Sequential``
+  (the only container whose forward order is known): the Sequential becomes a
+  ``FusedSequential`` in place, its children unmoved.
 
-Everything else is left untouched and listed in the report.
+No module is moved or renamed, so parameter names, state_dict keys and their order are
+those of the original model, and checkpoints load both ways with ``strict=True``.
+Everything else is left untouched and listed in the report with the reason;
+:func:`fusedres.explain` checks on an example input what actually runs fused.
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ from typing import List, Tuple, Union
 import torch.nn as nn
 
 from . import backends
-from .blocks import BasicBlock, Bottleneck, ConvBNAct
+from .blocks import (
+    FUSED_MODULES,
+    TIMM_BLOCKS,
+    BasicBlock,
+    Bottleneck,
+    FusedSequential,
+    _TimmBlock,
+    sequential_runs,
+)
+from .functional import _split_downsample
 
 __all__ = ["convert", "ConversionReport", "set_backend"]
 
@@ -32,6 +47,10 @@ _TV_MODULE = "torchvision.models.resnet"
 
 @dataclass
 class ConversionReport:
+    """What :func:`convert` replaced, as ``(path, from, to)``, and the candidates it left as
+    they were, as ``(path, why)``. A fused run of an ``nn.Sequential`` is named by the
+    path of its Conv2d."""
+
     replaced: List[Tuple[str, str, str]] = field(default_factory=list)  # (path, from, to)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, why)
 
@@ -40,7 +59,7 @@ class ConversionReport:
         lines += [f"  {p or '<root>'}: {a} -> {b}" for p, a, b in self.replaced]
         if self.skipped:
             lines.append(f"left {len(self.skipped)} candidate(s) unfused")
-            lines += [f"  {p}: {why}" for p, why in self.skipped]
+            lines += [f"  {p or '<root>'}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
 
 
@@ -71,18 +90,13 @@ def _adopt(m: nn.Module, kind: str, backend: str) -> nn.Module:
     return new
 
 
-def _run_at(seq: nn.Sequential, i: int):
-    kids = list(seq)
-    conv = kids[i]
-    if type(conv) is not nn.Conv2d or i + 1 >= len(kids):
+def _timm_block_class(m: nn.Module):
+    """The fused class for an unmodified timm block (its class and forward timm's own), else None."""
+    cls = type(m)
+    fused = TIMM_BLOCKS.get((cls.__module__, cls.__name__))
+    if fused is None or cls.forward.__qualname__ != f"{cls.__name__}.forward":
         return None
-    bn = kids[i + 1]
-    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
-        return None
-    if bn.num_features != conv.out_channels:
-        return None
-    act = i + 2 < len(kids) and type(kids[i + 2]) is nn.ReLU
-    return conv, bn, act
+    return fused
 
 
 def _convert(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, report: ConversionReport) -> nn.Module:
@@ -95,14 +109,40 @@ def _convert(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, repo
             report.skipped.append((prefix, why))
             return _convert_children(module, prefix, backend, fuse_runs, report)
         report.replaced.append((prefix, f"torchvision.{type(module).__name__}", f"fusedres.{type(new).__name__}"))
-        if new.downsample is not None:
-            new.downsample = _convert_children(new.downsample, prefix + ".downsample", backend, False, report)
+        ds = new.downsample
+        if ds is not None and _split_downsample(ds, False)[0] == "module":
+            # a shortcut the block calls as a module (not a Conv2d+BatchNorm2d projection,
+            # which it fuses itself): fuse what can be fused inside it
+            new.downsample = _convert_children(ds, prefix + ".downsample", backend, fuse_runs, report)
         return new
+    timm_cls = _timm_block_class(module)
+    if timm_cls is not None:
+        return _convert_timm(module, timm_cls, prefix, backend, fuse_runs, report)
     return _convert_children(module, prefix, backend, fuse_runs, report)
 
 
+def _convert_timm(module, timm_cls, prefix, backend, fuse_runs, report) -> nn.Module:
+    new = timm_cls.adopt(module, backend)
+    norms = new._modules_of(new._norms)
+    # hooks are left out: they are the user's to add and remove, and a block with one runs
+    # timm's forward for as long as it has it
+    why = new.config_unfusable() or _block_unfusable(new, norms, relu_follows=new._preact)
+    if why:
+        report.skipped.append((prefix, why))
+        return _convert_children(module, prefix, backend, fuse_runs, report)
+    to = f"fusedres.{type(new).__name__}"
+    if new._se() is not None:
+        to += f" ({type(new._se()).__name__} applied between the fused branch and the residual add)"
+    report.replaced.append((prefix, f"timm.{type(module).__name__}", to))
+    ds = new.downsample_module()
+    if ds is not None:
+        # the block calls this shortcut as a module: fuse what can be fused inside it
+        new.downsample = _convert_children(ds, prefix + ".downsample", backend, fuse_runs, report)
+    return new
+
+
 def _convert_children(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, report) -> nn.Module:
-    if isinstance(module, (BasicBlock, Bottleneck, ConvBNAct)):
+    if isinstance(module, FUSED_MODULES):
         return module
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
@@ -110,53 +150,46 @@ def _convert_children(module: nn.Module, prefix: str, backend: str, fuse_runs: b
         if new is not child:
             setattr(module, name, new)
     if isinstance(module, nn.Sequential):
-        i = 0
-        while i < len(module):
-            run = _run_at(module, i)
-            if run is None:
-                i += 1
-                continue
-            conv, bn, act = run
+        fused = False
+        for i, n, why in sequential_runs(module):
             path = f"{prefix}.{i}" if prefix else str(i)
-            why = _run_unfusable(conv)
+            if not why and type(module) is not nn.Sequential:
+                why = (f"{type(module).__name__} is a subclass of nn.Sequential (fused runs need nn.Sequential "
+                       "itself: its class would change)")
             if why or not fuse_runs:
                 report.skipped.append((path, why or "fuse_runs=False"))
-                i += 2
                 continue
-            fused = ConvBNAct.from_modules(conv, bn, act, backend)
-            fused.train(conv.training)
-            module[i] = fused
-            module[i + 1] = nn.Identity()
-            if act:
-                module[i + 2] = nn.Identity()
-            report.replaced.append((path, "Conv2d+BatchNorm2d" + ("+ReLU" if act else ""), "fusedres.ConvBNAct"))
-            i += 3 if act else 2
+            fused = True
+            run = "Conv2d+BatchNorm2d" + ("+ReLU" if n == 3 else "")
+            report.replaced.append((path, run, "a fused run of fusedres.FusedSequential"))
+        if fused:
+            FusedSequential.fuse(module, backend)
     return module
 
 
-def _block_unfusable(block: nn.Module) -> str:
-    """Why a fused block made from these modules could never run fused ("" if it can)."""
+def _block_unfusable(block: nn.Module, norms=None, relu_follows: bool = False) -> str:
+    """Why a fused block made from these modules could never run fused ("" if it can).
+    ``norms``: the main branch's BatchNorms (default ``bn1``..``bn3``); ``relu_follows``: a
+    ReLU follows each of them (pre-activation)."""
     from .functional import _bn_fusable, _conv_fusable
 
-    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
-    mods = [getattr(block, n) for n in names if getattr(block, n, None) is not None]
+    convs = [getattr(block, n) for n in ("conv1", "conv2", "conv3") if getattr(block, n, None) is not None]
+    if norms is None:
+        norms = [getattr(block, n) for n in ("bn1", "bn2", "bn3") if getattr(block, n, None) is not None]
+    checks = [(m, relu_follows) for m in norms]
     ds = block.downsample
-    if isinstance(ds, nn.Sequential) and len(ds) == 2:
-        mods += list(ds)
-    for m in mods:
-        why = _bn_fusable(m) if not isinstance(m, nn.Conv2d) else _conv_fusable(m)
+    if isinstance(ds, nn.Sequential):
+        mods = [m for m in ds if type(m) is not nn.Identity]
+        if len(mods) == 2 and isinstance(mods[0], nn.Conv2d):  # a projection the block fuses
+            convs, checks = convs + mods[:1], checks + [(mods[1], False)]
+    for m in convs:
+        why = _conv_fusable(m)
         if why:
             return why
-    return ""
-
-
-def _run_unfusable(conv: nn.Conv2d) -> str:
-    if conv.bias is not None:
-        return "conv has a bias"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r}"
+    for m, follows in checks:
+        why = _bn_fusable(m, follows)
+        if why:
+            return why
     return ""
 
 
@@ -203,13 +236,29 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     gradients stay per rank, as with ``nn.SyncBatchNorm``: wrap the model in
     ``DistributedDataParallel`` to average them. Evaluation is unaffected.
     """
-    from .blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, SyncBatchNorm2d
+    from .blocks import PreActBasicBlock, SyncBatchNorm2d
+    from .functional import _split_downsample
 
-    fused = (BasicBlock, Bottleneck, PreActBasicBlock, ConvBNAct)
+    def called_modules(m: nn.Module):
+        """The children a fused module calls as modules (their BatchNorms are not fused)."""
+        if isinstance(m, FusedSequential):
+            fused = {j for i, n, why in sequential_runs(m) if not why for j in range(i, i + n)}
+            return [(str(k), c) for k, (_, c) in enumerate(m.named_children()) if k not in fused]
+        if isinstance(m, _TimmBlock):
+            ds = m.downsample_module()
+        else:
+            ds = getattr(m, "downsample", None)
+            if ds is not None and _split_downsample(ds, isinstance(m, PreActBasicBlock))[0] != "module":
+                ds = None
+        return [] if ds is None else [("downsample", ds)]
 
     def visit(m: nn.Module) -> nn.Module:
-        if isinstance(m, fused):
+        if isinstance(m, FUSED_MODULES):
             m.sync_bn, m.process_group = True, process_group
+            for name, child in called_modules(m):
+                new = visit(child)
+                if new is not child:
+                    setattr(m, name, new)
             return m
         if isinstance(m, SyncBatchNorm2d):
             m.process_group = process_group

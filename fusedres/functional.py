@@ -41,6 +41,28 @@ _STATE = threading.local()
 
 
 @contextlib.contextmanager
+def _recording(recorder):
+    """Within this context ``residual_block`` reports each call to ``recorder`` (used by
+    :func:`fusedres.explain`): ``recorder.enter(convs)`` on entry, then
+    ``recorder.result(why, backend)``: ``why`` the reason it ran through the torch.nn
+    modules, or None and the backend that ran it fused."""
+    prev = getattr(_STATE, "recorder", None)
+    _STATE.recorder = recorder
+    try:
+        yield
+    finally:
+        _STATE.recorder = prev
+
+
+def _record_fallback(convs, why: str) -> None:
+    """A fused module that ran its own torch.nn modules without calling residual_block."""
+    rec = getattr(_STATE, "recorder", None)
+    if rec is not None:
+        rec.enter(convs)
+        rec.result(why, None)
+
+
+@contextlib.contextmanager
 def unfused():
     """Within this context every fusedres block runs through its own torch.nn modules
     (conv, BatchNorm, ReLU, add as separate PyTorch ops): PyTorch's semantics, the
@@ -84,24 +106,50 @@ def is_frozen_bn(m: nn.Module) -> bool:
     )
 
 
-def _bn_fusable(bn: nn.Module) -> Optional[str]:
+_BN_RELU_CLASSES = (("timm.layers.norm_act", "BatchNormAct2d"),)
+
+
+def is_bn_relu(m: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` with its own forward, a ReLU activation and no drop layer:
+    ``relu(bn(x))``, where ``bn`` is ``nn.BatchNorm2d``'s forward verbatim (same batch
+    statistics, running-statistic update and ``num_batches_tracked`` count)."""
+    cls = type(m)
+    return (
+        (cls.__module__, cls.__name__) in _BN_RELU_CLASSES
+        and cls.forward.__qualname__ == f"{cls.__name__}.forward"
+        and type(getattr(m, "act", None)) is nn.ReLU
+        and type(getattr(m, "drop", None)) is nn.Identity
+    )
+
+
+def _bn_fusable(bn: nn.Module, relu_follows: bool = False) -> Optional[str]:
+    """None when ``bn`` can be fused as a BatchNorm; ``relu_follows``: the block applies a
+    ReLU right after it, so a BatchNorm+ReLU module is that BatchNorm (ReLU is idempotent)."""
     if is_frozen_bn(bn):
+        return None
+    if relu_follows and is_bn_relu(bn):
         return None
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
         return f"{type(bn).__name__} is not nn.BatchNorm2d"
     return None
 
 
-def fusable(convs: Sequence[nn.Module], bns: Sequence[nn.Module], ds_bn: Optional[nn.Module] = None) -> Optional[str]:
+def fusable(
+    convs: Sequence[nn.Module],
+    bns: Sequence[nn.Module],
+    ds_bn: Optional[nn.Module] = None,
+    relu_follows: Sequence[bool] = (),
+) -> Optional[str]:
     """None when the fused path applies to these modules, else the reason it does not.
 
-    ``ds_bn`` is the projection shortcut's BatchNorm, which must be in the same mode."""
+    ``ds_bn`` is the projection shortcut's BatchNorm, which must be in the same mode;
+    ``relu_follows[i]``: the block applies a ReLU right after ``bns[i]``."""
     for m in convs:
         why = _conv_fusable(m)
         if why:
             return why
-    for m in bns:
-        why = _bn_fusable(m)
+    for i, m in enumerate(bns):
+        why = _bn_fusable(m, i < len(relu_follows) and relu_follows[i])
         if why:
             return why
     modes = {_batch_stats(bn) for bn in bns}
@@ -353,6 +401,8 @@ def _split_downsample(downsample, preact: bool):
     if downsample is None:
         return None
     mods = list(downsample) if isinstance(downsample, nn.Sequential) else [downsample]
+    # an nn.Identity in the Sequential changes nothing (timm's stride-1 avg-pool shortcut)
+    mods = [m for m in mods if type(m) is not nn.Identity]
     if preact:
         if len(mods) == 1 and _conv_fusable(mods[0]) is None:
             return ("project", mods[0], None)
@@ -416,8 +466,14 @@ def residual_block(
         if residual.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: residual batch {residual.shape[0]} != input batch {x.shape[0]}")
 
+    rec = getattr(_STATE, "recorder", None)
+    if rec is not None:
+        rec.enter(convs)
     ds_mods = ds[1:] if ds is not None and ds[0] == "project" else ()
-    why = fusable(convs, bns, ds_mods[1] if ds_mods else None)
+    # which BatchNorms a ReLU follows directly: pre-activation, all; post-activation, all
+    # but the last, and the last too when nothing is added before the output ReLU
+    follows = [True] * len(bns) if preact else [True] * (len(bns) - 1) + [relu and shortcut == "none"]
+    why = fusable(convs, bns, ds_mods[1] if ds_mods else None, follows)
     if why is None and x.shape[0] == 0:
         why = "empty batch"
     if why is None and getattr(_STATE, "unfused", False):
@@ -430,6 +486,8 @@ def residual_block(
                 f"{name}: sync_bn=True but the block cannot be fused ({why}); convert its BatchNorms with "
                 "torch.nn.SyncBatchNorm.convert_sync_batchnorm instead"
             )
+        if rec is not None:
+            rec.result(why, None)
         return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
 
     all_mods = list(convs) + list(bns) + [m for m in ds_mods if m is not None]
@@ -485,6 +543,8 @@ def residual_block(
         if len(cands) > 1 and be in cands:
             be = _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype,
                                    train, cands)
+    if rec is not None:
+        rec.result(None, be)
     if train:
         return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group)
     return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)

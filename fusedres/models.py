@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import backends
+from ._fx import is_proxy
 from .blocks import BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock, _not_scriptable, conv1x1, conv3x3
 from .functional import residual_block
 
@@ -145,7 +146,14 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = residual_block(x, [self.conv1], [self.bn1], shortcut="none", backend=self.backend, name="ResNet stem")
+        if is_proxy(x):
+            # torch.fx symbolic tracing: the stem as torchvision's three nodes (conv1, bn1,
+            # relu; graph node names as in torchvision), the blocks as one node each
+            x = self.relu(self.bn1(self.conv1(x)))
+        else:
+            x = residual_block(
+                x, [self.conv1], [self.bn1], shortcut="none", backend=self.backend, name="ResNet stem"
+            )
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
@@ -295,6 +303,8 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.preact:
             x = self.conv1(x)
+        elif is_proxy(x):  # torch.fx symbolic tracing (see ResNet.forward)
+            x = self.relu(self.bn1(self.conv1(x)))
         else:
             x = residual_block(x, [self.conv1], [self.bn1], shortcut="none", backend=self.backend, name="CifarResNet stem")
         x = self.layer3(self.layer2(self.layer1(x)))

@@ -26,6 +26,14 @@ def import_torchvision(name):
     return importlib.import_module(f"torchvision.{name}")
 
 
+def import_feature_extraction():
+    """``torchvision.models.feature_extraction``. Its tracers autowrap ``torchvision.ops`` (an
+    attribute of the package once ``import torchvision`` has run, not of the bare package of
+    ``fusedres._torchvision``), so that is imported first."""
+    import_torchvision("ops")
+    return import_torchvision("models.feature_extraction")
+
+
 def load_timm():
     """timm, imported after torchvision is importable; skip the caller if it is not installed."""
     load_torchvision_resnet()
