@@ -61,7 +61,8 @@ def test_block_under_autocast_like_torch(backend, block, dtype, train):
     check_against_fp64(got, want, exact, dtype, pool_param_grads=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# several interpreted training steps: triton in the heavy tier
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.heavy) if b == "triton" else b for b in BACKENDS])
 def test_gradscaler_training_steps_like_torch(backend):
     torch.manual_seed(0)
     model = randomise(nn.Sequential(

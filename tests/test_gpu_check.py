@@ -61,6 +61,7 @@ def _check_results_file(res):
         assert c["gemm_tflops"] > 0 and c["copy_gb_s"] > 0, dt
 
 
+@pytest.mark.heavy  # the whole GPU check rehearsed on CPU (CI runs the heavy tier)
 def test_dry_run_of_every_step(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     t0 = time.monotonic()
@@ -119,6 +120,7 @@ def test_dry_run_of_every_step(tmp_path):
     assert "done in" in (out / "check.log").read_text()
 
 
+@pytest.mark.heavy
 def test_budget_skips_what_does_not_fit_and_names_the_continuation(tmp_path):
     p = _dry_run(tmp_path / "out", tmp_path / "work", "--budget", "1", "--steps", "runner-r50,triton-fp16", timeout=60)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -137,7 +139,8 @@ def _gone(pid):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.heavy)],
+@pytest.mark.heavy
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL],
                          ids=["TERM", "KILL"])
 def test_a_run_stopped_midway_leaves_valid_files(tmp_path, sig):
     out, work = tmp_path / "out", tmp_path / "work"

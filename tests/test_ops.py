@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import fusedres
 from fusedres import ops, reference
 from fusedres.testing import assert_close
-from helpers import grid
 
 BACKENDS = [n for n, s in fusedres.available_backends().items() if s.available and n != "cuda"]
 GEOM = ([2, 2], [1, 1], [1, 1], 1)
@@ -164,10 +163,21 @@ def _samples(dtype, fmt):
     }
 
 
-# default tier: each backend in one (dtype, layout), turning with the backend
-@pytest.mark.parametrize("backend,dtype,fmt", grid(
-    lambda backend, dtype, fmt: dtype * 2 + fmt == backend % 4, ids={"fmt": ["nchw", "nhwc"]},
-    backend=cpu_backends(), dtype=[torch.float32, torch.float64], fmt=[torch.contiguous_format, torch.channels_last]))
+def _opcheck_params():
+    """Default tier: each backend but triton in one (dtype, layout), turning with the backend;
+    the rest, and triton (an opcheck calls each interpreted op several times), heavy."""
+    out = []
+    for i, b in enumerate(cpu_backends()):
+        for j, (dtype, fmt, fid) in enumerate([(torch.float32, torch.contiguous_format, "nchw"),
+                                               (torch.float32, torch.channels_last, "nhwc"),
+                                               (torch.float64, torch.contiguous_format, "nchw"),
+                                               (torch.float64, torch.channels_last, "nhwc")]):
+            core = b != "triton" and j == i % 4
+            out.append(pytest.param(b, dtype, fmt, id=f"{b}-{dtype}-{fid}", marks=() if core else pytest.mark.heavy))
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype,fmt", _opcheck_params())
 def test_opcheck_every_op(backend, dtype, fmt):
     samples = _samples(dtype, fmt)
     assert set(samples) == set(ops.ALL_OPS)
