@@ -10,13 +10,18 @@ autograd and every BatchNorm buffer they touch is restored.
 Nothing is measured while torch.compile traces or a CUDA graph is being captured (the static
 order of ``backends.resolve`` applies then; measure before capturing), or when
 ``FUSEDRES_AUTO_MEASURE=0``. ``choices()`` shows what was picked, ``clear()`` forgets it.
+
+On CPU tensors in training, ``auto`` runs a block through its own ``torch.nn`` modules
+(:func:`torch_nn_reason`): a whole training step of the ``cpu`` backend measured slower than
+eager PyTorch's (``benchmarks/README.md``), so the unfused computation is the faster choice
+there; ``backend="cpu"`` still runs the fused training kernels.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Hashable, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +41,24 @@ def candidates(device: torch.device) -> Tuple[str, ...]:
         b for b in _CANDIDATES.get(device.type, ())
         if st[b].available and backends._device_error(b, device) is None
     )
+
+
+TORCH_NN_CPU_TRAIN = (
+    "backend='auto' trains on CPU through torch.nn: the cpu backend's training step measured slower than "
+    "eager PyTorch's (benchmarks/README.md); backend='cpu' runs it fused"
+)
+
+
+def torch_nn_reason(device: torch.device, train: bool, sync_bn: bool) -> Optional[str]:
+    """Why ``backend="auto"`` runs a block through its ``torch.nn`` modules, or None when it
+    runs fused: on CPU tensors in training (batch statistics), except while torch.compile or
+    ``torch.jit.trace`` traces (they keep the fused ops) and for synchronised BatchNorm (whose
+    statistics only the fused path gathers across ranks)."""
+    if device.type != "cpu" or not train or sync_bn:
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return TORCH_NN_CPU_TRAIN
 
 
 def _enabled(device: torch.device) -> bool:

@@ -14,7 +14,9 @@ fused computation:
 Configurations the fused path does not cover (a non-BatchNorm norm layer, a conv
 with bias or non-zero padding mode, BatchNorms of one block in different modes, an
 empty batch) run the same math through the modules themselves, so a block is
-always correct; ``fusable()`` says which path a block takes.
+always correct; ``fusable()`` says which path a block takes. ``backend="auto"`` also
+takes that path for training on CPU tensors, where it is the faster one
+(``fusedres.autoselect.torch_nn_reason``).
 """
 
 from __future__ import annotations
@@ -480,6 +482,8 @@ def residual_block(
         why = "fusedres.functional.unfused() is active"
     if why is None:
         why = _hooked(list(convs) + list(bns) + ([downsample] if downsample is not None and ds is not None else []))
+    if why is None and backend == "auto":
+        why = autoselect.torch_nn_reason(x.device, _batch_stats(bns[0]), sync_bn)
     if why is not None:
         if sync_bn and _batch_stats(bns[0]):
             raise NotImplementedError(

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import models
+from . import backends, models
 from .convert import set_backend
 from .functional import unfused
 
@@ -451,25 +451,29 @@ def _trajectory(model, cfg, train_set, mean, std, steps, dtype, device, referenc
 
 def parity(cfg: TrainConfig, steps: int = 10, log=print) -> dict:
     """Train ``steps`` SGD steps from the same weights and data order three ways: fusedres
-    (``cfg.backend``, ``cfg.dtype``), plain torch.nn in ``cfg.dtype``, and plain torch.nn in
-    float64. Early training with lr 0.1 amplifies rounding differences by orders of
-    magnitude per step, so the yardstick is PyTorch's own drift (the rule of
-    ``fusedres.testing.check_against_fp64``): fusedres's distance from the fp64 run, in
-    per-step loss and final parameters, must stay within 2x PyTorch's distance + slack. In
-    float64 both runs are compared directly. ``log`` gets a line per phase and per step and
-    a final ``PASS`` or ``FAIL`` line with the drifts and their bounds. Raises ParityError
-    on failure; returns the figures."""
+    (``cfg.backend``, on CPU ``"auto"`` pinned to the fused backend it resolves to; ``cfg.dtype``),
+    plain torch.nn in ``cfg.dtype``, and plain torch.nn in float64. Early training with lr 0.1
+    amplifies rounding differences by orders of magnitude per step, so the yardstick is
+    PyTorch's own drift (the rule of ``fusedres.testing.check_against_fp64``): fusedres's
+    distance from the fp64 run, in per-step loss and final parameters, must stay within 2x
+    PyTorch's distance + slack. In float64 both runs are compared directly. ``log`` gets a
+    line per phase and per step and a final ``PASS`` or ``FAIL`` line with the drifts and
+    their bounds. Raises ParityError on failure; returns the figures."""
     torch.manual_seed(cfg.seed)
     dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
     train_set, _ = load_data(cfg)
     mean = train_set.x.mean(dim=(0, 2, 3), keepdim=True)
     std = train_set.x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     base = build_model(cfg.arch, len(train_set.classes), train_set.x.shape[1], cfg.backend, cfg.shortcut)
-    fused = copy.deepcopy(base).to(device, dtype)
+    # on CPU the fused run pins the backend "auto" resolves to: auto itself trains through
+    # torch.nn there, which would compare torch.nn with itself
+    be = backends.resolve(cfg.backend, device) if device.type == "cpu" else cfg.backend
+    fused = set_backend(copy.deepcopy(base), be).to(device, dtype)
     ref = copy.deepcopy(base).to(device, dtype)
     ref64 = copy.deepcopy(base).to(device, torch.float64)
     direct = cfg.dtype == "float64"
-    runs = [(f"fusedres (backend {cfg.backend}) {cfg.dtype}", fused, dtype, False),
+    runs = [(f"fusedres (backend {be if be == cfg.backend else f'{cfg.backend}: {be}'}) {cfg.dtype}", fused, dtype,
+             False),
             (f"torch.nn {cfg.dtype}", ref, dtype, True)]
     if not direct:
         runs.append(("torch.nn float64", ref64, torch.float64, True))

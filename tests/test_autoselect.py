@@ -21,8 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def race(monkeypatch):
-    """cpu and reference raced on CPU tensors; a fake timer handing out the given times."""
+    """cpu and reference raced on CPU tensors; a fake timer handing out the given times.
+    (Training blocks race too: auto's torch.nn choice for CPU training is switched off.)"""
     monkeypatch.setitem(autoselect._CANDIDATES, "cpu", ("cpu", "reference"))
+    monkeypatch.setattr(autoselect, "torch_nn_reason", lambda device, train, sync_bn: None)
     autoselect.clear()
     calls = []
 
@@ -93,3 +95,58 @@ def test_nothing_is_measured_while_compiling(race):
         assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5, name="out")
     # the eager call measured once; the traced call took the static order
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------ auto in training on CPU: torch.nn
+
+
+def _step(model, x, seed=0, autocast=False):
+    """One training forward and backward from a fixed random state: output, input and
+    parameter gradients, buffers."""
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    y.float().square().mean().backward()
+    return [y, x.grad] + [p.grad for p in model.parameters()] + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_auto_trains_on_cpu_through_torch_nn_exactly(autocast):
+    model = randomise(fusedres.resnet18(num_classes=10)).to(memory_format=torch.channels_last).train()
+    for bn in (model.layer1[0].bn1, model.layer2[0].downsample[1]):
+        bn.momentum = None  # a cumulative average, too
+    model.layer3[0].drop_path = 0.5  # stochastic depth draws the same samples
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    got = _step(model, x, autocast=autocast)
+    with fusedres.functional.unfused():
+        want = _step(ref, x, autocast=autocast)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert model.layer1[0].bn1.num_batches_tracked.item() == 1
+
+    ex = fusedres.explain(model, x)
+    assert not any(u.fused_calls or u.ops for u in ex.units.values()), str(ex)
+    assert all(u.reasons == [autoselect.TORCH_NN_CPU_TRAIN] for u in ex.units.values()), str(ex)
+    assert "trains on CPU through torch.nn" in str(ex)
+
+
+def test_explicit_cpu_backend_still_trains_fused_and_eval_stays_on_it():
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    fixed = fusedres.resnet18(num_classes=10, backend="cpu").to(memory_format=torch.channels_last)
+    ex = fusedres.explain(fixed.train(), x)
+    assert all(u.ran_fused and u.backends == ["cpu"] for u in ex.units.values()), str(ex)
+    auto = fusedres.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    ex = fusedres.explain(auto.eval(), x)
+    assert all(u.ran_fused and u.backends == ["cpu"] for u in ex.units.values()), str(ex)
+
+
+def test_the_torch_nn_choice_is_cpu_training_outside_tracing_and_sync_bn(monkeypatch):
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert autoselect.torch_nn_reason(cpu, True, False) == autoselect.TORCH_NN_CPU_TRAIN
+    assert autoselect.torch_nn_reason(cpu, False, False) is None  # eval: the cpu backend
+    assert autoselect.torch_nn_reason(cpu, True, True) is None  # sync_bn needs the fused statistics
+    assert autoselect.torch_nn_reason(meta, True, False) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert autoselect.torch_nn_reason(cpu, True, False) is None  # torch.compile keeps the fused ops

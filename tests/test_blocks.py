@@ -129,7 +129,9 @@ def fused_and_ref_ref64(build, shape, train):
 
 
 def test_fused_path_is_taken(op_counter):
-    b = randomise(fusedres.Bottleneck(8, 2, 2, proj(8, 8, 2)))
+    # the backend "auto" resolves to, named: auto itself trains through torch.nn on CPU
+    be = fusedres.backends.resolve("auto", torch.device("cpu"))
+    b = randomise(fusedres.Bottleneck(8, 2, 2, proj(8, 8, 2), backend=be))
     x = torch.randn(2, 8, 6, 6)
     with op_counter() as c:
         b.train()(x).sum().backward()
@@ -143,7 +145,7 @@ def test_fused_path_is_taken(op_counter):
 
 
 def test_train_output_saves_no_normalised_activations():
-    b = randomise(fusedres.BasicBlock(4, 4))
+    b = randomise(fusedres.BasicBlock(4, 4, backend=fusedres.backends.resolve("auto", torch.device("cpu"))))
     out = b.train()(torch.randn(2, 4, 5, 5, requires_grad=True))
     assert type(out.grad_fn).__name__ == "PostActBlockBackward"
 

@@ -54,7 +54,9 @@ def _sequential():
 
 def test_convert_sequential_runs_and_leaves_others(op_counter):
     model = _sequential()
-    fused, report = fusedres.convert(model, return_report=True)
+    # the backend "auto" resolves to, named: auto itself trains through torch.nn on CPU
+    be = fusedres.backends.resolve("auto", torch.device("cpu"))
+    fused, report = fusedres.convert(model, backend=be, return_report=True)
     assert [r[0] for r in report.replaced] == ["0", "5"]
     assert report.skipped == [("3", "conv has a bias")]
     # the Sequential itself becomes a FusedSequential; its children stay where they were
