@@ -121,6 +121,19 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu_op(const at::Tensor& d
   return {sum_g, sum_gx};
 }
 
+// dy = A*g + B*y + C over the prepared operands (k.coefs set), in y's layout.
+template <typename T, typename S>
+at::Tensor bn_apply_cpu(const BnBackwardPrepared& p, const BnBackwardParams<S>& k) {
+  auto dy = at::empty(p.y.sizes(), p.y.options().memory_format(layout_of(p.y)));
+  const T *d = cptr<T>(p.dout), *yp = cptr<T>(p.y), *o = cptr<T>(p.out);
+  T* res = static_cast<T*>(dy.mutable_data_ptr());
+  const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
+  const int64_t row_len = std::max<int64_t>(1, bn_add_act_row_length(p.c, p.hw, p.layout));
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_len);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_backward_apply_cpu<T, S>(d, yp, o, res, k, b, e); });
+  return dy;
+}
+
 at::Tensor bn_backward_apply_cpu_op(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& mean,
                                     const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
                                     const std::optional<at::Tensor>& out, bool relu,
@@ -129,21 +142,27 @@ at::Tensor bn_backward_apply_cpu_op(const at::Tensor& dout, const at::Tensor& y,
   constexpr const char* op = "fusedres_ext::bn_backward_apply";
   auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
   const auto sg = vec_arg(op, "sum_g", sum_g, p.c, y), sgx = vec_arg(op, "sum_gx", sum_gx, p.c, y);
-  const auto fmt = layout_of(y);
-  auto dy = at::empty(y.sizes(), y.options().memory_format(fmt));
   auto coefs = at::empty({3, p.c}, sg.options());
+  at::Tensor dy;
   dispatch_storage<Half, BFloat16>(y.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::T;
     using S = typename decltype(tag)::S;
     auto k = params_of<S>(p, relu);
     bn_backward_coefs_cpu<S>(k, sg.data_ptr<S>(), sgx.data_ptr<S>(), coefs.data_ptr<S>());
     k.coefs = coefs.data_ptr<S>();
-    const T *d = cptr<T>(p.dout), *yp = cptr<T>(p.y), *o = cptr<T>(p.out);
-    T* res = static_cast<T*>(dy.mutable_data_ptr());
-    const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
-    const int64_t row_len = std::max<int64_t>(1, bn_add_act_row_length(p.c, p.hw, p.layout));
-    const int64_t grain = std::max<int64_t>(1, 32768 / row_len);
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_backward_apply_cpu<T, S>(d, yp, o, res, k, b, e); });
+    dy = bn_apply_cpu<T, S>(p, k);
+  });
+  return dy;
+}
+
+at::Tensor bn_apply_relu_cpu_op(const at::Tensor& dh, const at::Tensor& y, const at::Tensor& scale,
+                                const at::Tensor& shift, const at::Tensor& coefs) {
+  auto p = prepare_bn_apply_relu("fusedres_ext::bn_apply_relu", dh, y, scale, shift, coefs);
+  at::Tensor dy;
+  dispatch_storage<Half, BFloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    dy = bn_apply_cpu<T, S>(p, params_of<S>(p, true));
   });
   return dy;
 }
@@ -177,6 +196,7 @@ TORCH_LIBRARY(fusedres_ext, m) {
   m.def(
       "bn_backward_apply(Tensor dout, Tensor y, Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
       "Tensor? out, bool relu, Tensor? sample_scale, Tensor sum_g, Tensor sum_gx) -> Tensor");
+  m.def("bn_apply_relu(Tensor dh, Tensor y, Tensor scale, Tensor shift, Tensor coefs) -> Tensor");
   m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
 }
 
@@ -186,6 +206,7 @@ TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
   m.impl("batch_stats", &fusedres::batch_stats_cpu_op);
   m.impl("bn_backward_reduce", &fusedres::bn_backward_reduce_cpu_op);
   m.impl("bn_backward_apply", &fusedres::bn_backward_apply_cpu_op);
+  m.impl("bn_apply_relu", &fusedres::bn_apply_relu_cpu_op);
   m.impl("act_grad", &fusedres::act_grad_cpu_op);
 }
 

@@ -234,21 +234,19 @@ BatchStatsParams<S> params_of(const BatchStatsPrepared& p) {
 }
 
 struct BnBackwardPrepared {
-  at::Tensor dout, y, out, mean, invstd, scale, shift, sample_scale;
+  at::Tensor dout, y, out, mean, invstd, scale, shift, sample_scale, coefs;
   Layout layout;
   int64_t n, c, hw;
 };
 
-// dout and out (when given) in y's layout; per-channel and per-sample vectors as vec_arg.
-// `out` is only kept when relu (it is only read for the ReLU mask).
-inline BnBackwardPrepared prepare_bn_backward(const char* op, const at::Tensor& dout, const at::Tensor& y,
-                                              const at::Tensor& mean, const at::Tensor& invstd,
-                                              const at::Tensor& scale, const at::Tensor& shift,
-                                              const std::optional<at::Tensor>& out, bool relu,
-                                              const std::optional<at::Tensor>& sample_scale) {
+// dout (named dout_name in errors) and out (when given) in y's layout; `out` is only kept when relu (it is only read
+// for the ReLU mask).
+inline BnBackwardPrepared prepare_bn_elementwise(const char* op, const char* dout_name, const at::Tensor& dout,
+                                                 const at::Tensor& y, const std::optional<at::Tensor>& out,
+                                                 bool relu) {
   FUSEDRES_CHECK_ARG(y.dim() == 4, op, "y", "must be 4-D (N, C, H, W), got shape ", y.sizes());
   check_storage(op, "y", y);
-  check_like(op, "dout", dout, "y", y);
+  check_like(op, dout_name, dout, "y", y);
   BnBackwardPrepared p;
   p.n = y.size(0);
   p.c = y.size(1);
@@ -261,11 +259,42 @@ inline BnBackwardPrepared prepare_bn_backward(const char* op, const at::Tensor& 
     check_like(op, "out", *out, "y", y);
     if (relu) p.out = out->contiguous(fmt);
   }
+  return p;
+}
+
+// bn_backward_reduce / bn_backward_apply: the elementwise operands above; per-channel and
+// per-sample vectors as vec_arg.
+inline BnBackwardPrepared prepare_bn_backward(const char* op, const at::Tensor& dout, const at::Tensor& y,
+                                              const at::Tensor& mean, const at::Tensor& invstd,
+                                              const at::Tensor& scale, const at::Tensor& shift,
+                                              const std::optional<at::Tensor>& out, bool relu,
+                                              const std::optional<at::Tensor>& sample_scale) {
+  auto p = prepare_bn_elementwise(op, "dout", dout, y, out, relu);
   p.mean = vec_arg(op, "mean", mean, p.c, y);
   p.invstd = vec_arg(op, "invstd", invstd, p.c, y);
   p.scale = vec_arg(op, "scale", scale, p.c, y);
   p.shift = vec_arg(op, "shift", shift, p.c, y);
   if (sample_scale.has_value()) p.sample_scale = vec_arg(op, "sample_scale", *sample_scale, p.n, y);
+  return p;
+}
+
+// bn_apply_relu (the BatchNorm+ReLU backward's apply from precomputed coefficients, the
+// gradient dh of the BatchNorm output's consumer as dout): scale/shift as vec_arg, coefs
+// [3, C] (A, B, C of dy = A*g + B*y + C) in the statistics dtype.
+inline BnBackwardPrepared prepare_bn_apply_relu(const char* op, const at::Tensor& dh, const at::Tensor& y,
+                                                const at::Tensor& scale, const at::Tensor& shift,
+                                                const at::Tensor& coefs) {
+  auto p = prepare_bn_elementwise(op, "dh", dh, y, std::nullopt, true);
+  p.scale = vec_arg(op, "scale", scale, p.c, y);
+  p.shift = vec_arg(op, "shift", shift, p.c, y);
+  FUSEDRES_CHECK_ARG(coefs.dim() == 2 && coefs.size(0) == 3 && coefs.size(1) == p.c, op, "coefs",
+                     "must have shape [3, ", p.c, "], got ", coefs.sizes());
+  FUSEDRES_CHECK_ARG(coefs.device() == y.device(), op, "coefs", "must be on ", y.device(), ", got ",
+                     coefs.device());
+  FUSEDRES_CHECK_ARG(coefs.scalar_type() == stat_type(y.scalar_type()), op, "coefs", "must be ",
+                     stat_type(y.scalar_type()), " (the statistics dtype of ", y.scalar_type(), "), got ",
+                     coefs.scalar_type());
+  p.coefs = coefs.contiguous();
   return p;
 }
 
@@ -276,11 +305,12 @@ BnBackwardParams<S> params_of(const BnBackwardPrepared& p, bool relu) {
   k.c = p.c;
   k.hw = p.hw;
   k.layout = p.layout;
-  k.mean = p.mean.data_ptr<S>();
-  k.invstd = p.invstd.data_ptr<S>();
+  k.mean = p.mean.defined() ? p.mean.data_ptr<S>() : nullptr;
+  k.invstd = p.invstd.defined() ? p.invstd.data_ptr<S>() : nullptr;
   k.scale = p.scale.data_ptr<S>();
   k.shift = p.shift.data_ptr<S>();
   k.sample_scale = p.sample_scale.defined() ? p.sample_scale.data_ptr<S>() : nullptr;
+  k.coefs = p.coefs.defined() ? p.coefs.data_ptr<S>() : nullptr;
   k.relu = relu;
   return k;
 }

@@ -148,6 +148,24 @@ at::Tensor bn_backward_apply_cuda_op(const at::Tensor& dout, const at::Tensor& y
   return dy;
 }
 
+at::Tensor bn_apply_relu_cuda_op(const at::Tensor& dh, const at::Tensor& y, const at::Tensor& scale,
+                                 const at::Tensor& shift, const at::Tensor& coefs) {
+  constexpr const char* op = "fusedres_ext::bn_apply_relu";
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto p = prepare_bn_apply_relu(op, dh, y, scale, shift, coefs);
+  auto dy = at::empty(y.sizes(), y.options().memory_format(layout_of(y)));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_storage<__half, __nv_bfloat16>(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using S = typename decltype(tag)::S;
+    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), nullptr,
+                                       static_cast<T*>(dy.mutable_data_ptr()), params_of<S>(p, true), stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return dy;
+}
+
 at::Tensor act_grad_cuda_op(const at::Tensor& dout, const at::Tensor& out) {
   constexpr const char* op = "fusedres_ext::act_grad";
   const c10::cuda::CUDAGuard guard(dout.device());
@@ -172,5 +190,6 @@ TORCH_LIBRARY_IMPL(fusedres_ext, CUDA, m) {
   m.impl("batch_stats", &fusedres::batch_stats_cuda_op);
   m.impl("bn_backward_reduce", &fusedres::bn_backward_reduce_cuda_op);
   m.impl("bn_backward_apply", &fusedres::bn_backward_apply_cuda_op);
+  m.impl("bn_apply_relu", &fusedres::bn_apply_relu_cuda_op);
   m.impl("act_grad", &fusedres::act_grad_cuda_op);
 }

@@ -99,8 +99,8 @@ TORCH_LIBRARY_FRAGMENT(fusedres_ext, m) {
       "conv_stats_cutlass(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int[] stride, int[] padding, "
       "int[] dilation) -> (Tensor, Tensor)");
   m.def(
-      "conv_dgrad_cutlass(Tensor dy, Tensor weight, int[] input_shape, int[] stride, int[] padding, int[] dilation) "
-      "-> Tensor");
+      "conv_dgrad_cutlass(Tensor dy, Tensor weight, int[] input_shape, int[] stride, int[] padding, int[] dilation, "
+      "Tensor? addend) -> Tensor");
   m.def(
       "conv_wgrad_cutlass(Tensor dy, Tensor x, Tensor? in_scale, Tensor? in_shift, int[] weight_shape, int[] stride, "
       "int[] padding, int[] dilation) -> Tensor");

@@ -213,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(const at::Tensor& x, const at
 }
 
 at::Tensor conv_dgrad_cuda(const at::Tensor& dy, const at::Tensor& weight, at::IntArrayRef input_shape,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           const std::optional<at::Tensor>& addend) {
   constexpr const char* op = "fusedres_ext::conv_dgrad_cutlass";
   const c10::cuda::CUDAGuard guard(dy.device());
   check_tensor(op, "dy", dy, dy);
@@ -225,10 +226,20 @@ at::Tensor conv_dgrad_cuda(const at::Tensor& dy, const at::Tensor& weight, at::I
   const ConvGeometry& g = p.g;
   CONV_CHECK_ARG(dy.sizes() == at::IntArrayRef({g.n, g.k, g.p, g.q}), op, "dy", "must have shape [", g.n, ", ", g.k,
                  ", ", g.p, ", ", g.q, "] for this input_shape and weight, got ", dy.sizes());
-  require_supported(op, ConvKind::kDgrad, p.dtype, g, ConvCallFlags());
+  ConvCallFlags f;
+  f.has_residual = addend.has_value();
+  require_supported(op, ConvKind::kDgrad, p.dtype, g, f);
   const at::Tensor dyk = nhwc(dy), wk = nhwc(weight);
   p.dy = dyk.data_ptr();
   p.w = wk.data_ptr();
+  at::Tensor ak;
+  if (addend.has_value()) {
+    check_tensor(op, "addend", *addend, dy);
+    CONV_CHECK_ARG(addend->sizes() == input_shape, op, "addend", "must have input_shape ", input_shape, ", got ",
+                   addend->sizes());
+    ak = nhwc(*addend);
+    p.addend = ak.data_ptr();
+  }
   NhwcOut dx(input_shape, dy.options(), layout_rule(dy));
   p.dx = dx.buf.data_ptr();
   check_status(op, conv_dgrad_cutlass(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -16,8 +16,9 @@ the weight's shape as in ``torch.nn.functional.conv2d``, and only ``conv_bias_ac
     in_scale is given (then no bias); x's layout rule for the output.
 ``conv_stats_cutlass(x, weight, in_scale, in_shift, stride, padding, dilation)``
     (y, partials [1, 3, K] float32 (count, mean, M2) per output channel).
-``conv_dgrad_cutlass(dy, weight, input_shape, stride, padding, dilation)``
-    dx in dy's layout rule.
+``conv_dgrad_cutlass(dy, weight, input_shape, stride, padding, dilation, addend)``
+    dx (+ addend when given: input_shape, dy's dtype; added to the float32 sum, one
+    rounding) in dy's layout rule.
 ``conv_wgrad_cutlass(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)``
     dw contiguous [K, C, R, S] in dy's dtype; the input is pro(x) as above.
 """
@@ -117,7 +118,7 @@ def register_fakes() -> None:
         return y, x.new_empty((1, 3, shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("fusedres_ext::conv_dgrad_cutlass")
-    def _conv_dgrad_fake(dy, weight, input_shape, stride, padding, dilation):
+    def _conv_dgrad_fake(dy, weight, input_shape, stride, padding, dilation, addend):
         return torch.empty(list(input_shape), dtype=dy.dtype, device=dy.device, memory_format=_layout_rule(dy))
 
     @torch.library.register_fake("fusedres_ext::conv_wgrad_cutlass")
@@ -141,10 +142,16 @@ def fprop_reason(x: Tensor, weight: Tensor, bias, residual, in_scale, in_relu, s
     )
 
 
-def dgrad_reason(dy: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups) -> str:
+def dgrad_reason(dy: Tensor, weight: Tensor, input_shape, stride, padding, dilation, groups, dx_add=None) -> str:
+    """Why conv_dgrad (with ``dx_add`` added to dx when given) cannot run on CUTLASS ('' if it
+    can); the addend must have the input's shape and dy's dtype."""
+    if dx_add is not None and list(dx_add.shape) != list(input_shape):
+        return f"dx_add has shape {list(dx_add.shape)}, not the input's {list(input_shape)}"
     return unsupported(
         "dgrad", dy.dtype, input_shape, weight.shape, stride, padding, dilation, groups,
-        nhwc=_channels_last(dy), same_dtype=weight.dtype == dy.dtype,
+        residual=dx_add is not None,
+        nhwc=_channels_last(dy) and (dx_add is None or _channels_last(dx_add)),
+        same_dtype=weight.dtype == dy.dtype and (dx_add is None or dx_add.dtype == dy.dtype),
     )
 
 
@@ -168,9 +175,9 @@ def conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation):
     )
 
 
-def conv_dgrad(dy, weight, input_shape, stride, padding, dilation) -> Tensor:
+def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, addend=None) -> Tensor:
     return torch.ops.fusedres_ext.conv_dgrad_cutlass(
-        dy, weight, list(input_shape), list(stride), list(padding), list(dilation)
+        dy, weight, list(input_shape), list(stride), list(padding), list(dilation), addend
     )
 
 

@@ -33,6 +33,12 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
     -> dy = A*g + B*y + C in y's dtype and layout rule, A = scale, B = -scale*invstd*sum_gx/M,
     C = -A*sum_g/M - B*mean (M = N*H*W), as fusedres.reference.bn_backward_apply.
 
+``torch.ops.fusedres_ext.bn_apply_relu(dh, y, scale, shift, coefs)``
+    -> dy = A*g + B*y + C with g = dh where y*scale + shift > 0 and (A, B, C) the rows of
+    coefs [3, C] (statistics dtype): the apply of the BatchNorm+ReLU backward from
+    coefficients computed once per channel (fusedres.reference.bn_apply_relu); y's dtype
+    and layout rule.
+
 ``torch.ops.fusedres_ext.act_grad(dout, out)``
     -> dout where out > 0, else 0 (NaN out keeps dout); any shape, out in dout's dtype; the
     result follows dout's layout rule.
@@ -142,9 +148,9 @@ def _register_fakes() -> None:
         torch._check(tiles >= 1, lambda: f"fusedres_ext::batch_stats: tiles must be at least 1, got {tiles}")
         return x.new_empty((tiles, 3, x.shape[1]), dtype=_stat_dtype(x.dtype))
 
-    def _check_backward(op, dout, y, out):
+    def _check_backward(op, dout, y, out, dout_name="dout"):
         torch._check(y.dim() == 4, lambda: f"fusedres_ext::{op}: y must be 4-D (N, C, H, W), got {y.dim()}-D")
-        for name, t in (("dout", dout), ("out", out)):
+        for name, t in ((dout_name, dout), ("out", out)):
             if t is not None:
                 torch._check(
                     t.shape == y.shape,
@@ -162,6 +168,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedres_ext::bn_backward_apply")
     def _bn_backward_apply_fake(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
         _check_backward("bn_backward_apply", dout, y, out)
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+
+    @torch.library.register_fake("fusedres_ext::bn_apply_relu")
+    def _bn_apply_relu_fake(dh, y, scale, shift, coefs):
+        _check_backward("bn_apply_relu", dh, y, None, "dh")
         return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
 
     @torch.library.register_fake("fusedres_ext::act_grad")

@@ -188,11 +188,13 @@ class PostActBlock(torch.autograd.Function):
             if need[4 + k]:
                 grads[k] = ops.conv_wgrad(dy_ds, x, None, None, False, list(w_ds.shape), *spec.ds_conv.args(), b)
             if need[1]:
-                dx_short = ops.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
+                dx_short = ops.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), None, b)
 
         # Main branch, last conv to first. Between two convs the BatchNorm backward is split:
         # its reduce runs on the dgrad output dh, its apply inside the next conv's dgrad and
         # wgrad (bn_apply_conv_backward), so that gradient is never stored.
+        # the shortcut's gradient is added where the first conv's dgrad writes dx
+        dx_add = g_res if spec.shortcut == "identity" else dx_short
         dx = None
         pending = None  # (dh, unit, coefs) whose BN apply is still to be done
         for i in reversed(range(n)):
@@ -209,12 +211,12 @@ class PostActBlock(torch.autograd.Function):
                 if need_w:
                     grads[UNIT * i] = ops.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
                 if need_d:
-                    d = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
+                    d = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), dx_add if i == 0 else None, b)
             elif need_w or need_d:
                 dh, unit, coefs = pending
                 d, dw = ops.bn_apply_conv_backward(
                     dh, ys[unit], stats[unit][2], stats[unit][3], coefs, w, h_in, s_in, t_in, relu_in,
-                    *geom.args(), need_d, need_w, b,
+                    *geom.args(), need_d, need_w, dx_add if i == 0 else None, b,
                 )
                 if need_w:
                     grads[UNIT * i] = dw
@@ -231,11 +233,6 @@ class PostActBlock(torch.autograd.Function):
             else:
                 dx = d
 
-        if dx is not None:
-            if spec.shortcut == "identity":
-                dx = dx + g_res
-            elif dx_short is not None:
-                dx = dx + dx_short
         d_res = g_res if spec.shortcut == "tensor" and need[2] else None
         return (None, dx, d_res, None, *grads)
 
@@ -309,13 +306,14 @@ class PreActBlock(torch.autograd.Function):
             geom = spec.convs[j]
             if need[4 + UNIT * j]:
                 grads[UNIT * j] = ops.conv_wgrad(dy, h_in, s_j, t_j, True, list(w.shape), *geom.args(), b)
-            da = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), b)
+            da = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), None, b)
             if j == 0 and spec.shortcut == "project":
                 k = UNIT * n
                 w_ds = params[k]
                 if need[4 + k]:
                     grads[k] = ops.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
-                da = da + ops.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), b)
+                # the projection's dgrad adds the main branch's (one pass writes the sum)
+                da = ops.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), da, b)
             dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b, spec.group)
             grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
             grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])

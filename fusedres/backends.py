@@ -65,8 +65,28 @@ class ReferenceBackend:
     act_grad = staticmethod(reference.act_grad)
     conv_dgrad = staticmethod(reference.conv_dgrad)
     conv_wgrad = staticmethod(reference.conv_wgrad)
-    bn_apply_conv_backward = staticmethod(reference.bn_apply_conv_backward)
+    bn_apply_relu = staticmethod(reference.bn_apply_relu)
     stats_tiles = staticmethod(reference.stats_tiles)
+
+    @classmethod
+    def bn_apply_conv_backward(
+        cls, dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
+        need_dx, need_dw, dx_add=None,
+    ):
+        """``reference.bn_apply_conv_backward`` composed of this table's own apply (dy written
+        once) and convolutions."""
+        dy = cls.bn_apply_relu(dh, y, scale, shift, coefs)
+        dx = (
+            cls.conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups, dx_add)
+            if need_dx
+            else dy.new_empty(0)
+        )
+        dw = (
+            cls.conv_wgrad(dy, x, in_scale, in_shift, in_relu, list(weight.shape), stride, padding, dilation, groups)
+            if need_dw
+            else dy.new_empty(0)
+        )
+        return dx, dw
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:
@@ -144,6 +164,14 @@ class _ExtensionBackend(ReferenceBackend):
         if dout.dtype not in cls._DTYPES or out.dtype != dout.dtype:
             return reference.act_grad(dout, out)
         return cls._ops().act_grad(dout, out)
+
+    @classmethod
+    def bn_apply_relu(cls, dh, y, scale, shift, coefs):
+        """The BatchNorm+ReLU backward's apply from its coefficients: one native pass that
+        writes dy (``reference.bn_apply_relu`` where the kernels do not cover the dtypes)."""
+        if not cls._native_backward(dh, y, None, (scale, shift, coefs)):
+            return reference.bn_apply_relu(dh, y, scale, shift, coefs)
+        return cls._ops().bn_apply_relu(dh, y, scale, shift, coefs)
 
 
 class CpuBackend(_ExtensionBackend):
@@ -297,11 +325,11 @@ class CudaBackend(_ExtensionBackend):
         return cut.conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation)
 
     @classmethod
-    def conv_dgrad(cls, dy, weight, input_shape, stride, padding, dilation, groups):
+    def conv_dgrad(cls, dy, weight, input_shape, stride, padding, dilation, groups, dx_add=None):
         cut = cls._cutlass()
-        if cut is None or cut.dgrad_reason(dy, weight, input_shape, stride, padding, dilation, groups):
-            return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups)
-        return cut.conv_dgrad(dy, weight, input_shape, stride, padding, dilation)
+        if cut is None or cut.dgrad_reason(dy, weight, input_shape, stride, padding, dilation, groups, dx_add):
+            return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
+        return cut.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, dx_add)
 
     @classmethod
     def conv_wgrad(cls, dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups):
@@ -311,21 +339,6 @@ class CudaBackend(_ExtensionBackend):
                 dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups
             )
         return cut.conv_wgrad(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)
-
-    @classmethod
-    def bn_apply_conv_backward(
-        cls, dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-        need_dx, need_dw,
-    ):
-        # composed like the reference, with this backend's convolutions (dy is stored once)
-        dy = reference.bn_apply_relu(dh, y, scale, shift, coefs)
-        dx = cls.conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups) if need_dx else dy.new_empty(0)
-        dw = (
-            cls.conv_wgrad(dy, x, in_scale, in_shift, in_relu, list(weight.shape), stride, padding, dilation, groups)
-            if need_dw
-            else dy.new_empty(0)
-        )
-        return dx, dw
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:

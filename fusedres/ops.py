@@ -212,15 +212,16 @@ def conv_dgrad(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    dx_add: Optional[Tensor],
     backend: str,
 ) -> Tensor:
-    """Gradient of conv2d w.r.t. its input."""
-    return _table(backend).conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups)
+    """Gradient of conv2d w.r.t. its input, plus ``dx_add`` when given."""
+    return _table(backend).conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
 
 
 @conv_dgrad.register_fake
-def _(dy, weight, input_shape, stride, padding, dilation, groups, backend):
-    return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups)
+def _(dy, weight, input_shape, stride, padding, dilation, groups, dx_add, backend):
+    return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
 
 
 @torch.library.custom_op(f"{_LIB}::conv_wgrad", mutates_args=())
@@ -266,22 +267,24 @@ def bn_apply_conv_backward(
     groups: int,
     need_dx: bool,
     need_dw: bool,
+    dx_add: Optional[Tensor],
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    """dgrad and wgrad of a conv whose output gradient is the BatchNorm(+ReLU) backward apply
-    of ``dh``, computed while loading (never stored). Unneeded outputs are empty tensors."""
+    """dgrad (plus ``dx_add`` when given) and wgrad of a conv whose output gradient is the
+    BatchNorm(+ReLU) backward apply of ``dh``, computed while loading (never stored).
+    Unneeded outputs are empty tensors."""
     return _table(backend).bn_apply_conv_backward(
         dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-        need_dx, need_dw,
+        need_dx, need_dw, dx_add,
     )
 
 
 @bn_apply_conv_backward.register_fake
 def _(dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-      need_dx, need_dw, backend):
+      need_dx, need_dw, dx_add, backend):
     return reference.bn_apply_conv_backward(
         dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-        need_dx, need_dw,
+        need_dx, need_dw, dx_add,
     )
 
 
@@ -309,7 +312,7 @@ def _cba_backward(ctx, dout):
     if has_res and need[3]:
         dres = g
     if need[0] or need[4] or need[5]:
-        dh = conv_dgrad(g, weight, list(x.shape), stride, padding, dilation, groups, backend)
+        dh = conv_dgrad(g, weight, list(x.shape), stride, padding, dilation, groups, None, backend)
         if in_scale is None:
             dx = torch.where(x <= 0, torch.zeros_like(dh), dh) if in_relu else dh
         else:

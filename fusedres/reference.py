@@ -28,12 +28,13 @@ backward
   bn_backward_apply(... same ..., sum_g, sum_gx) -> dy = A*g + B*y + C
   bn_backward_coefs(mean, invstd, scale, sum_g, sum_gx, m) -> [3, C] rows A, B, C
   bn_apply_conv_backward(dh, y, scale, shift, coefs, w, x, in_scale, in_shift, in_relu,
-                         geometry, need_dx, need_dw)
-      -> dx, dw of a conv whose output gradient is dy = A*g + B*y + C of the BatchNorm+ReLU
-         after it (g = dh where y*scale + shift > 0): the apply is done while loading dy, so
-         dy is never stored; an output not needed is returned empty
+                         geometry, need_dx, need_dw, dx_add)
+      -> dx (+ dx_add when given), dw of a conv whose output gradient is dy = A*g + B*y + C
+         of the BatchNorm+ReLU after it (g = dh where y*scale + shift > 0): the apply is done
+         while loading dy, so dy is never stored; an output not needed is returned empty
   act_grad(dout, out) -> dout masked where out <= 0 (ReLU backward from its output)
-  conv_dgrad(dy, w, input_shape, geometry) -> dx
+  conv_dgrad(dy, w, input_shape, geometry, dx_add) -> dx (+ dx_add when given: a block's
+         shortcut gradient, added where dx is written)
   conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, geometry) -> dw
 
 where pro(x) = relu(x*in_scale + in_shift) when in_scale is given (the previous
@@ -318,9 +319,14 @@ def bn_apply_conv_backward(
     groups: int,
     need_dx: bool,
     need_dw: bool,
+    dx_add: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     dy = bn_apply_relu(dh, y, scale, shift, coefs)
-    dx = conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups) if need_dx else dy.new_empty(0)
+    dx = (
+        conv_dgrad(dy, weight, list(x.shape), stride, padding, dilation, groups, dx_add)
+        if need_dx
+        else dy.new_empty(0)
+    )
     dw = (
         conv_wgrad(dy, x, in_scale, in_shift, in_relu, list(weight.shape), stride, padding, dilation, groups)
         if need_dw
@@ -341,12 +347,14 @@ def conv_dgrad(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    dx_add: Optional[Tensor] = None,
 ) -> Tensor:
     dummy = dy.new_empty(1).expand(input_shape)
     dx = torch.ops.aten.convolution_backward(
         dy, dummy, weight, None, stride, padding, dilation, False, [0, 0], groups, (True, False, False)
     )[0]
-    return dx.contiguous(memory_format=memory_format(dy))
+    dx = dx.contiguous(memory_format=memory_format(dy))
+    return dx if dx_add is None else dx + dx_add
 
 
 def conv_wgrad(

@@ -62,6 +62,9 @@ def test_inference_epilogue_and_training_prologue_take_cutlass():
     assert ask("fprop", F16, x, w, 1, 2, dilation=2) == ""  # dilated forward and wgrad: CUTLASS
     assert ask("wgrad", F16, x, w, 1, 2, dilation=2) == ""
     assert ask("dgrad", BF16, (2, 16, 9, 7), (24, 16, 5, 5), 2, 2) == ""  # odd sizes, stride 2
+    # a block's shortcut gradient added where the dgrad writes dx, also on 1x1 stride-2 shortcuts
+    assert ask("dgrad", BF16, x, w, 1, 1, residual=True) == ""
+    assert ask("dgrad", F16, (8, 256, 28, 28), (512, 256, 1, 1), 2, 0, residual=True) == ""
 
 
 # ResNeXt's grouped 3x3 convolutions with 32 or 64 channels per group (batch 8):
@@ -113,7 +116,9 @@ FALLBACKS = [
      {"input_relu": True}, "input ReLU"),
     ("bias with prologue", "fprop_prologue", BF16, (8, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1, 1,
      {"bias": True}, "bias"),
-    ("residual on dgrad", "dgrad", BF16, (8, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1, 1, {"residual": True}, "backward"),
+    ("bias on dgrad", "dgrad", BF16, (8, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1, 1, {"bias": True}, "backward"),
+    ("residual on wgrad", "wgrad", BF16, (8, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1, 1, {"residual": True},
+     "weight-gradient"),
     ("2**30 input elements", "fprop", BF16, (256, 64, 256, 256), (64, 64, 1, 1), 1, 0, 1, 1, {}, "32-bit"),
     ("empty batch", "fprop", BF16, (0, 64, 8, 8), (64, 64, 1, 1), 1, 0, 1, 1, {}, "empty"),
     ("empty output", "fprop", BF16, (2, 64, 2, 2), (64, 64, 5, 5), 1, 0, 1, 1, {}, "output size"),
@@ -155,6 +160,11 @@ def test_backend_questions_follow_layout_and_dtypes():
     assert "dtypes" in _conv_cutlass.fprop_reason(x, w.float(), None, None, None, False, *geo)
     dy = _meta((4, 128, 14, 14))
     assert _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo) == ""
+    assert _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape)) == ""
+    assert "dtypes" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape, torch.float32))
+    assert "channels_last" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo,
+                                                         _meta(x.shape, channels_last=False))
+    assert "not the input's" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta((4, 64, 14, 13)))
     assert _conv_cutlass.wgrad_reason(dy, x, scale, True, list(w.shape), *geo) == ""
     assert "channels_last" in _conv_cutlass.wgrad_reason(dy, _meta((4, 64, 14, 14), channels_last=False), None, False,
                                                          list(w.shape), *geo)
@@ -192,8 +202,10 @@ def test_fake_kernels_match_the_reference_shapes_and_strides(layout):
         assert y.shape == want_y.shape and y.stride() == want_y.stride()
         assert part.shape == want_part.shape == (1, 3, 24) and part.dtype == torch.float32
         dy = torch.empty_like(want_y)
-        dx = torch.ops.fusedres_ext.conv_dgrad_cutlass(dy, w, list(x.shape), *geo)
+        dx = torch.ops.fusedres_ext.conv_dgrad_cutlass(dy, w, list(x.shape), *geo, None)
         want_dx = reference.conv_dgrad(dy, w, list(x.shape), *geo, 1)
+        assert dx.shape == want_dx.shape and dx.stride() == want_dx.stride()
+        dx = torch.ops.fusedres_ext.conv_dgrad_cutlass(dy, w, list(x.shape), *geo, torch.empty_like(x))
         assert dx.shape == want_dx.shape and dx.stride() == want_dx.stride()
         dw = torch.ops.fusedres_ext.conv_wgrad_cutlass(dy, x, None, None, list(w.shape), *geo)
         want_dw = reference.conv_wgrad(dy, x, None, None, False, list(w.shape), *geo, 1)

@@ -452,6 +452,50 @@ def test_bn_backward_empty_batch():
     assert ops.bn_backward_apply(*args, sg, sgx).shape == (0, 3, 4, 4)
 
 
+def _apply_relu_case(shape, dtype, fmt, seed=0):
+    """bn_apply_relu's arguments as the training backward passes them: dh of the BatchNorm
+    output's consumer, y the BatchNorm input, its scale/shift and the coefficients from the
+    reduce of dh."""
+    dout, y, mean, invstd, scale, shift, _, _, _ = _backward_case(shape, dtype, fmt, "y", False, seed)
+    sums = reference.bn_backward_reduce(dout, y, mean, invstd, scale, shift, None, True, None)
+    m = max(1, y.numel() // max(1, y.shape[1]))
+    coefs = reference.bn_backward_coefs(mean, invstd, scale, *sums, m)
+    return dout, y, scale, shift, coefs
+
+
+@pytest.mark.parametrize("dtype", DTYPES4, ids=_dt_id)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "noncontig"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bn_apply_relu_matches_reference_bitwise(dtype, fmt, shape):
+    args = _apply_relu_case(shape, dtype, fmt)
+    got, want = ops.bn_apply_relu(*args), reference.bn_apply_relu(*args)
+    y = args[1]
+    assert got.dtype == y.dtype and got.shape == y.shape
+    assert got.is_contiguous(memory_format=_expected_format(y))
+    # the same float32 (float64) arithmetic in the same order, rounded once
+    assert torch.equal(got, want)
+    # bn_backward_apply with the same sums gives the same dy
+    dout, y, scale, shift, _ = args
+    _, _, mean, invstd, _, _, _, _, _ = _backward_case(shape, dtype, fmt, "y", False)
+    sums = reference.bn_backward_reduce(dout, y, mean, invstd, scale, shift, None, True, None)
+    assert torch.equal(got, ops.bn_backward_apply(dout, y, mean, invstd, scale, shift, None, True, None, *sums))
+
+
+def test_bn_apply_relu_specials_and_empty_batch():
+    dh, y, scale, shift, coefs = _apply_relu_case((2, 4, 3, 3), torch.float32, "nhwc")
+    dh, y, coefs = dh.clone(), y.clone(), coefs.clone()
+    dh[0, 0, 1, 1] = float("nan")
+    y[1, 1, 0, 0] = float("nan")  # NaN pre-activation: the mask keeps the gradient, B*y is NaN
+    y[1, 2, 2, 2] = float("inf")
+    coefs[2, 3] = float("inf")
+    got, want = ops.bn_apply_relu(dh, y, scale, shift, coefs), reference.bn_apply_relu(dh, y, scale, shift, coefs)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    assert torch.equal(got.isinf(), want.isinf()) and got.isinf().any()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    empty = ops.bn_apply_relu(dh[:0], y[:0], scale, shift, coefs)
+    assert empty.shape == (0, 4, 3, 3)
+
+
 # ------------------------------------------------------------------------------ act_grad
 
 
@@ -620,6 +664,23 @@ def test_bn_backward_apply_errors_name_the_sums():
             ops.bn_backward_apply(**_backward_args(), **sums)
 
 
+def test_bn_apply_relu_errors_name_the_argument():
+    y = torch.randn(2, 3, 4, 4)
+    good = dict(dh=torch.randn(2, 3, 4, 4), y=y, scale=torch.randn(3), shift=torch.randn(3), coefs=torch.randn(3, 3))
+    for over, match in [
+        ({"y": torch.randn(2, 3, 4)}, r"y must be 4-D \(N, C, H, W\), got shape \[2, 3, 4\]"),
+        ({"dh": torch.randn(2, 3, 4, 5)}, r"dh must have the same shape as y \(\[2, 3, 4, 4\]\), got \[2, 3, 4, 5\]"),
+        ({"dh": torch.randn(2, 3, 4, 4).half()}, r"dh must have y's dtype \(Float\), got Half"),
+        ({"scale": torch.randn(4)}, r"scale must be a 1-D tensor of 3 elements, got shape \[4\]"),
+        ({"shift": torch.randn(3).double()}, "shift must be Float, got Double"),
+        ({"coefs": torch.randn(2, 3)}, r"coefs must have shape \[3, 3\], got \[2, 3\]"),
+        ({"coefs": torch.randn(3, 3).double()}, r"coefs must be Float \(the statistics dtype of Float\), got Double"),
+    ]:
+        args = dict(good, **over)
+        with pytest.raises(RuntimeError, match="bn_apply_relu: " + match):
+            ops.bn_apply_relu(**args)
+
+
 def test_batch_stats_and_act_grad_errors_name_the_argument():
     cases = [
         (lambda: ops.batch_stats(torch.randn(2, 3, 4), 1), r"batch_stats: x must be 4-D \(N, C, H, W\), got shape \[2, 3, 4\]"),
@@ -675,6 +736,7 @@ def test_opcheck_bn_backward(fmt, relu_mode):
         torch.library.opcheck(ops.bn_backward_reduce, args)
         sums = reference.bn_backward_reduce(*args)
         torch.library.opcheck(ops.bn_backward_apply, (*args, *sums))
+        torch.library.opcheck(ops.bn_apply_relu, _apply_relu_case((2, 5, 3, 3), dtype, fmt))
 
 
 # ------------------------------------------------------------------------------ loader

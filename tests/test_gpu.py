@@ -234,6 +234,16 @@ def test_cutlass_conv_primitives_within_2x_of_torch(conv, dtype):
     assert dx.is_contiguous(memory_format=cl)
     _within_2x(dx, want, want64, dtype, "conv_dgrad")
 
+    # with a shortcut gradient added where dx is written (1x1 stride-2 shapes: phases no tap
+    # reaches hold the addend alone)
+    add = lo(torch.randn(x_shape, device="cuda", dtype=torch.float64))
+    assert be._cutlass().dgrad_reason(dyl, wl, list(x_shape), *geo, add) == ""
+    dx = be.conv_dgrad(dyl, wl, list(x_shape), *geo, add)
+    want = ref.conv_dgrad(dyl, wl, list(x_shape), *geo, add)
+    want64 = ref.conv_dgrad(dy64, w64, list(x_shape), *geo, add.double())
+    assert dx.is_contiguous(memory_format=cl) and dx.dtype == dtype
+    _within_2x(dx, want, want64, dtype, "conv_dgrad with dx_add")
+
 
 # ResNeXt's grouped convolutions (input, weight [K, C/groups, R, S], stride, groups), and an
 # odd small one with 8 output channels per group

@@ -154,11 +154,15 @@ def _samples(dtype, fmt):
         ops.bn_backward_reduce: [(t(2, 6, 4, 4), y, mean, invstd, s, sh, y.relu(), True, None), (t(2, 6, 4, 4), y, mean, invstd, s, sh, None, True, c(2))],
         ops.bn_backward_apply: [(t(2, 6, 4, 4), y, mean, invstd, s, sh, None, True, None, c(6), c(6))],
         ops.act_grad: [(t(2, 6, 4, 4), y)],
-        ops.conv_dgrad: [(y, w, list(x.shape), *GEOM)],
+        ops.conv_dgrad: [(y, w, list(x.shape), *GEOM, None), (y, w, list(x.shape), *GEOM, t(*x.shape))],
         ops.conv_wgrad: [(y, x, c(5), c(5), True, list(w.shape), *GEOM), (y, x, None, None, False, list(w.shape), *GEOM)],
         ops.bn_apply_conv_backward: [
-            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, c(5), c(5), True, *GEOM, True, True),
-            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, None, None, False, *GEOM, False, True),
+            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, c(5), c(5), True, *GEOM, True, True,
+             None),
+            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, None, None, False, *GEOM, False, True,
+             None),
+            (t(2, 6, 4, 4), y, s, sh, torch.stack([c(6), c(6) - 1, c(6)]), w, x, None, None, False, *GEOM, True, False,
+             t(*x.shape)),
         ],
     }
 

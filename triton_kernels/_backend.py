@@ -99,9 +99,10 @@ class TritonBackend(ReferenceBackend):
         return bn.act_grad(dout, out)
 
     @staticmethod
-    def conv_dgrad(dy, weight, input_shape: List[int], stride, padding, dilation, groups) -> Tensor:
-        return conv.conv_dgrad(dy, _same_dtype(weight, dy), list(input_shape), list(stride), list(padding),
-                               list(dilation), groups, reference.memory_format(dy))
+    def conv_dgrad(dy, weight, input_shape: List[int], stride, padding, dilation, groups, dx_add=None) -> Tensor:
+        dx = conv.conv_dgrad(dy, _same_dtype(weight, dy), list(input_shape), list(stride), list(padding),
+                             list(dilation), groups, reference.memory_format(dy))
+        return dx if dx_add is None else dx + dx_add  # a separate pass here (the cuda backend fuses it)
 
     @staticmethod
     def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups) -> Tensor:
@@ -110,7 +111,7 @@ class TritonBackend(ReferenceBackend):
 
     @staticmethod
     def bn_apply_conv_backward(dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding,
-                               dilation, groups, need_dx, need_dw):
+                               dilation, groups, need_dx, need_dw, dx_add=None):
         # the apply runs in the prologue of both kernels: dy = A*g + B*y + C is never stored
         bn_args = (y, _vec(scale), _vec(shift), coefs.contiguous())
         geom = (list(stride), list(padding), list(dilation), groups)
@@ -118,6 +119,8 @@ class TritonBackend(ReferenceBackend):
         if need_dx:
             dx = conv.conv_dgrad(dh, _same_dtype(weight, dh), list(x.shape), *geom, reference.memory_format(y),
                                  bn=bn_args)
+            if dx_add is not None:
+                dx = dx + dx_add
         if need_dw:
             dw = conv.conv_wgrad(dh, _same_dtype(x, dh), _vec(in_scale), _vec(in_shift), in_relu, list(weight.shape),
                                  *geom, bn=bn_args)

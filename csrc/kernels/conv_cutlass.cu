@@ -280,10 +280,11 @@ ConvStatus conv_dgrad_cutlass(const ConvDgradParams& p, cudaStream_t stream) {
   (void)stream;
   return ConvStatus::kNotBuilt;
 #else
-  if (conv_cutlass_unsupported(ConvKind::kDgrad, p.dtype, p.g, ConvCallFlags()) != nullptr)
-    return ConvStatus::kUnsupported;
+  ConvCallFlags f;
+  f.has_residual = p.addend != nullptr;
+  if (conv_cutlass_unsupported(ConvKind::kDgrad, p.dtype, p.g, f) != nullptr) return ConvStatus::kUnsupported;
   if (p.dy == nullptr || p.w == nullptr || p.dx == nullptr || !aligned(p.dy, 16) || !aligned(p.w, 16) ||
-      !aligned(p.dx, 16))
+      !aligned(p.dx, 16) || (p.addend != nullptr && !aligned(p.addend, 16)))
     return ConvStatus::kUnsupported;
   return dgrad_dispatch(p, stream, false);
 #endif

@@ -64,12 +64,14 @@ ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream);
 
 // dx[n,h,w,c] = sum over (p,q,r,s,k) with h = p*sh - ph + r, w = q*sw - pw + s of
 //               dy[n,p,q,k] * w[k,r,s,c]   (dilation 1)
+//             (+ addend[n,h,w,c] when given: added to the float32 sum, one rounding)
 struct ConvDgradParams {
   ConvGeometry g;
   ConvDtype dtype = ConvDtype::kOther;
-  const void* dy = nullptr;  // [N, P, Q, K]
-  const void* w = nullptr;   // [K, R, S, C]
-  void* dx = nullptr;        // [N, H, W, C]
+  const void* dy = nullptr;      // [N, P, Q, K]
+  const void* w = nullptr;       // [K, R, S, C]
+  const void* addend = nullptr;  // [N, H, W, C] or nullptr (a block's shortcut gradient)
+  void* dx = nullptr;            // [N, H, W, C]
 };
 ConvStatus conv_dgrad_cutlass(const ConvDgradParams& p, cudaStream_t stream);
 

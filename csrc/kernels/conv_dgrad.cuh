@@ -39,9 +39,14 @@ template <typename T, bool kStrided>
 ConvStatus launch_dgrad(const ConvDgradParams& p, cudaStream_t stream, bool check_only) {
   using Device = typename DgradKernel<T, kStrided>::Device;
   const ConvGeometry& g = p.g;
-  typename DgradKernel<T, kStrided>::Op::Params op;  // plain store: no residual, no ReLU
+  // the addend as the epilogue's source (dx = acc + addend in float32, one rounding); the
+  // strided kernel runs the epilogue on phases no filter tap reaches too (acc = 0), so
+  // those get the addend alone. No ReLU.
+  typename DgradKernel<T, kStrided>::Op::Params op;
+  op.residual = p.addend != nullptr;
+  const void* source = p.addend != nullptr ? p.addend : p.dx;
   typename Device::Arguments args(problem_of(g), nhwc_ref<T>(p.dy, g.n, g.p, g.q, g.k),
-                                  nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c), nhwc_ref<T>(p.dx, g.n, g.h, g.w, g.c),
+                                  nhwc_ref<T>(p.w, g.k, g.r, g.s, g.c), nhwc_ref<T>(source, g.n, g.h, g.w, g.c),
                                   nhwc_ref<T>(p.dx, g.n, g.h, g.w, g.c), op, cutlass::conv::SplitKMode::kSerial);
   return launch<Device>(args, stream, check_only);
 }

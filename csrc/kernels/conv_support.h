@@ -42,7 +42,7 @@ inline int64_t conv_out_size(int64_t in, int64_t pad, int64_t dil, int64_t ker, 
 // Properties of the call that are not geometry. Every flag must hold for the kernel to run.
 struct ConvCallFlags {
   bool has_bias = false;     // fprop: a per-channel bias (folded BatchNorm)
-  bool has_residual = false; // fprop: a residual added before the ReLU
+  bool has_residual = false; // fprop: a residual added before the ReLU; dgrad: an addend of dx
   bool input_relu = false;   // a ReLU on the input: required by the prologue kinds, refused by the others
   bool nhwc = true;          // every activation-like operand is channels_last (NHWC in memory)
   bool same_dtype = true;    // weight / residual / second operand share the activation dtype
@@ -109,9 +109,10 @@ inline const char* conv_cutlass_unsupported(ConvKind kind, ConvDtype dtype, cons
   }
   if (prologue && !f.input_relu) return "BatchNorm prologue without ReLU";
   if (!prologue && f.input_relu) return "input ReLU without a BatchNorm prologue";
-  if ((kind == ConvKind::kDgrad || kind == ConvKind::kWgrad || kind == ConvKind::kWgradPrologue) &&
-      (f.has_bias || f.has_residual))
-    return "bias or residual on a backward convolution";
+  if ((kind == ConvKind::kDgrad || kind == ConvKind::kWgrad || kind == ConvKind::kWgradPrologue) && f.has_bias)
+    return "bias on a backward convolution";
+  if ((kind == ConvKind::kWgrad || kind == ConvKind::kWgradPrologue) && f.has_residual)
+    return "residual on a weight-gradient convolution";
   // grid.y <= 65535: tiles along K (fprop), C (dgrad) or R*S*C (wgrad)
   const int64_t gemm_n = (kind == ConvKind::kDgrad) ? g.c
                          : (kind == ConvKind::kWgrad || kind == ConvKind::kWgradPrologue) ? g.r * g.s * g.c

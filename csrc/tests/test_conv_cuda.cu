@@ -163,6 +163,15 @@ void test_predicate() {
   expect(conv_cutlass_unsupported(ConvKind::kFprop, ConvDtype::kFloat16, geom(2, 40, 40, 16, 16, 33, 33, 16, 1),
                                   plain) != nullptr,
          "33x33 filter refused");
+  ConvCallFlags with_residual, with_bias;
+  with_residual.has_residual = true;
+  with_bias.has_bias = true;
+  expect(conv_cutlass_unsupported(ConvKind::kDgrad, ConvDtype::kBFloat16, r50, with_residual) == nullptr,
+         "dgrad with an addend accepted");
+  expect(conv_cutlass_unsupported(ConvKind::kDgrad, ConvDtype::kBFloat16, r50, with_bias) != nullptr,
+         "dgrad with a bias refused");
+  expect(conv_cutlass_unsupported(ConvKind::kWgrad, ConvDtype::kBFloat16, r50, with_residual) != nullptr,
+         "wgrad with a residual refused");
   ConvCallFlags prologue_bias;
   prologue_bias.input_relu = true;
   prologue_bias.has_bias = true;
@@ -339,21 +348,26 @@ void run_fprop(const ConvGeometry& g, bool bias, bool residual, bool relu, bool 
 }
 
 template <typename T>
-void run_dgrad(const ConvGeometry& g, Rng& rng) {
+void run_dgrad(const ConvGeometry& g, bool addend, Rng& rng) {
   const auto dy = rng.ints(g.n * g.p * g.q * g.k, -2, 2);
   const auto w = rng.ints(g.k * g.r * g.s * g.c, -1, 1);
-  Dev<T> ddy(dy), dw(w), ddx(g.n * g.h * g.w * g.c);
+  const auto add = rng.ints(g.n * g.h * g.w * g.c, -4, 4);
+  Dev<T> ddy(dy), dw(w), dadd(add), ddx(g.n * g.h * g.w * g.c);
   ConvDgradParams p;
   p.g = g;
   p.dtype = dtype_of<T>();
   p.dy = ddy.p;
   p.w = dw.p;
+  p.addend = addend ? dadd.p : nullptr;
   p.dx = ddx.p;
   const ConvStatus st = conv_dgrad_cutlass(p, nullptr);
   expect(st == ConvStatus::kOk, std::string("conv_dgrad_cutlass status: ") + conv_status_string(st) + " " + describe(g));
   if (st != ConvStatus::kOk) return;
   CUDA_OK(cudaDeviceSynchronize());
+  // with the addend, dx starts from it: pixels no filter tap reaches (1x1 stride-2 phases)
+  // must come out as the addend alone
   std::vector<double> want(g.n * g.h * g.w * g.c, 0.0);
+  if (addend) want.assign(add.begin(), add.end());
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t pp = 0; pp < g.p; ++pp)
       for (int64_t q = 0; q < g.q; ++q)
@@ -364,7 +378,7 @@ void run_dgrad(const ConvGeometry& g, Rng& rng) {
             for (int64_t k = 0; k < g.k; ++k)
               for (int64_t c = 0; c < g.c; ++c) want[xi(g, n, ih, iw, c)] += dy[yi(g, n, pp, q, k)] * w[wi(g, k, r, s, c)];
           }
-  check_all<T>("dgrad", g, ddx.get(), want);
+  check_all<T>(addend ? "dgrad_addend" : "dgrad", g, ddx.get(), want);
 }
 
 template <typename T>
@@ -461,7 +475,8 @@ int run_gpu() {
     run_fprop<T>(g, false, false, false, false, rng);
     run_fprop<T>(g, false, false, false, true, rng);
     run_fprop<T>(g, false, true, true, true, rng);
-    run_dgrad<T>(g, rng);
+    run_dgrad<T>(g, false, rng);
+    run_dgrad<T>(g, true, rng);
     for (bool prologue : {false, true}) {
       run_wgrad<T>(g, prologue, true, 1, rng);
       run_wgrad<T>(g, prologue, false, 3, rng);
@@ -470,7 +485,7 @@ int run_gpu() {
   }
   run_fprop<T>(geom(2, 9, 9, 16, 16, 3, 3, 2, 1, 2), true, true, true, false, rng);  // dilation 2
   run_wgrad<T>(geom(2, 9, 9, 16, 16, 3, 3, 2, 1, 2), true, true, 2, rng);
-  run_dgrad<T>(geom(2, 10, 10, 16, 8, 3, 3, 1, 2), rng);
+  run_dgrad<T>(geom(2, 10, 10, 16, 8, 3, 3, 1, 2), true, rng);
   // grouped forward: (groups, channels per group, output channels per group) as ResNeXt
   // uses them and at the tile's edges (8 and 64 output channels per group, 2 and 8 groups per
   // tile), with stride 2, padding and odd spatial sizes
