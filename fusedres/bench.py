@@ -10,13 +10,18 @@ dtype):
 * ``compile-max-autotune`` inference only, GPU only: ``mode="max-autotune"``
 * ``compile-cudagraphs``   latency rows (``--cuda-graphs``): ``mode="reduce-overhead"``
 * ``fusedres-<backend>``   every fusedres backend usable on the device
+* ``fusedres-auto``        ``backend="auto"`` (only when named: it is one of the others, or on
+                           CPU in training the blocks' torch.nn modules)
 
 Every provider starts from the same weights. Warm-up runs happen before timing and the
 first call (which includes compilation) is reported separately as ``first_call_s``; times
 are the median and [p20, p80] over many repetitions, with the input rotated over several
 buffers; CUDA times come from device events. Rows report images/s, the ratio to eager and
 to torch.compile, peak memory (training, CUDA), and achieved TFLOP/s against the ceilings
-measured by the runner itself (a large GEMM in the case dtype and a device copy).
+measured by the runner itself: on CUDA a large GEMM in the case dtype, on CPU the fastest
+oneDNN convolution at ResNet-50 layer shapes (a matmul there runs well below what oneDNN's
+direct convolutions reach), and a device copy. CPU results also name the processor, its
+vector/matrix ISA, cores and threads.
 
 Results are written as JSON (``benchmarks/results/<device>-<date>.json`` by default) and
 printed as a table; ``fusedres bench --plot FILE`` renders speedup and memory charts.
@@ -72,6 +77,7 @@ class Row:
     peak_mem_bytes: Optional[int] = None
     tflops: Optional[float] = None
     frac_of_gemm_ceiling: Optional[float] = None
+    frac_of_ceiling: Optional[float] = None  # of the ceiling the tables use (ceiling_of)
     vs_eager: Optional[float] = None
     vs_compile: Optional[float] = None
     cuda_graphs: bool = False
@@ -179,8 +185,54 @@ def _quantile(v: List[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+# ResNet-50 convolutions (in channels, out channels, kernel, input size at 224², stride 1)
+# whose oneDNN speed gives the CPU ceiling: each stage's 3x3 and its 1x1 reduce/expand
+CONV_CEILING_SHAPES: Tuple[Tuple[int, int, int, int], ...] = (
+    (64, 64, 3, 56), (256, 64, 1, 56), (64, 256, 1, 56),
+    (128, 128, 3, 28), (512, 128, 1, 28),
+    (256, 256, 3, 14), (1024, 256, 1, 14), (256, 1024, 1, 14),
+    (512, 512, 3, 7),
+)
+CONV_CEILING_BATCH = 8
+
+
+def _conv_label(c: int, k: int, r: int, hw: int) -> str:
+    return f"{r}x{r} {c}->{k} {hw}x{hw}"
+
+
+def measure_conv_ceiling(dtype: torch.dtype, batch: int = CONV_CEILING_BATCH,
+                         shapes: Sequence[Tuple[int, int, int, int]] = CONV_CEILING_SHAPES,
+                         reps: int = 3, min_time: float = 0.05) -> Dict[str, object]:
+    """The CPU compute ceiling: TFLOP/s of oneDNN forward convolutions (``F.conv2d``,
+    channels_last input and weight, no autograd) at ResNet-50 layer ``shapes`` in ``dtype``,
+    the median of ``reps`` calls each; the best shape is the ceiling."""
+    per: Dict[str, float] = {}
+    with torch.no_grad():
+        for c, k, r, hw in shapes:
+            x = torch.randn(batch, c, hw, hw).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(k, c, r, r).to(dtype).contiguous(memory_format=torch.channels_last)
+            run = lambda i, x=x, w=w, p=r // 2: F.conv2d(x, w, padding=p)  # noqa: E731
+            for i in range(2):
+                run(i)
+            ms = statistics.median(_time_calls(run, torch.device("cpu"), reps, min_time))
+            per[_conv_label(c, k, r, hw)] = 2 * batch * hw * hw * k * c * r * r / (ms * 1e-3) / 1e12
+    best = max(per, key=per.get)
+    return {"conv_tflops": per[best], "conv_dtype": str(dtype).replace("torch.", ""), "conv_shape": best,
+            "conv_batch": batch, "conv_shapes_tflops": per}
+
+
+def ceiling_of(c: Dict[str, object]) -> Tuple[float, str]:
+    """(TFLOP/s, "conv" | "gemm"): the compute ceiling of one ``ceilings`` entry of a results
+    file that tables and the traffic model use: the conv ceiling where the run measured one
+    (CPU), else the GEMM's (CUDA, and CPU files written before the conv ceiling existed)."""
+    if c.get("conv_tflops"):
+        return float(c["conv_tflops"]), "conv"
+    return float(c["gemm_tflops"]), "gemm"
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
-    """Achievable GEMM TFLOP/s (in ``dtype``, fp32 on CPU) and copy GB/s on this device."""
+    """Achievable GEMM TFLOP/s (in ``dtype``, fp32 on CPU) and copy GB/s on this device; on
+    CPU also the oneDNN convolution ceiling in ``dtype`` (:func:`measure_conv_ceiling`)."""
     if device.type == "cuda":
         n, gemm_dt, nbytes = 8192, dtype, 1 << 30
     else:
@@ -196,13 +248,16 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Dict[str, floa
     dst.copy_(src)
     _sync(device)
     ms_copy = statistics.median(_time_calls(lambda i: dst.copy_(src), device, 10, 0.5))
-    return {
+    out = {
         "gemm_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
         "gemm_dtype": str(gemm_dt).replace("torch.", ""),
         "gemm_n": n,
         "copy_gb_s": 2 * nbytes / (ms_copy * 1e-3) / 1e9,
         "copy_bytes": nbytes,
     }
+    if device.type == "cpu":
+        out.update(measure_conv_ceiling(dtype))
+    return out
 
 
 def _flops(model: nn.Module, x: torch.Tensor, train: bool) -> Optional[float]:
@@ -231,7 +286,7 @@ def provider_names() -> List[str]:
     """Every provider name the runner knows (whether or not usable on this machine)."""
     from . import backends
 
-    return list(BASE_PROVIDERS) + [f"fusedres-{b}" for b in backends.BACKEND_NAMES]
+    return list(BASE_PROVIDERS) + [f"fusedres-{b}" for b in backends.BACKEND_NAMES] + ["fusedres-auto"]
 
 
 def check_providers(names: Sequence[str]) -> None:
@@ -263,6 +318,8 @@ def _providers(case: Case, device: torch.device, include: Optional[List[str]], e
             if b == "triton" and device.type != "cuda":
                 continue  # the interpreter is a correctness tool, not something to time
             names.append(f"fusedres-{b}")
+    if "fusedres-auto" in list(case.providers or ()) + list(include or ()):
+        names.append("fusedres-auto")  # only by its full name: not one of "every fusedres backend"
 
     def select(names, wanted, exact):
         out = ["eager"] if "eager" in names and not exact else []
@@ -275,18 +332,6 @@ def _providers(case: Case, device: torch.device, include: Optional[List[str]], e
     if include:
         names = select(names, include, exact)
     return names
-
-
-@contextlib.contextmanager
-def _inductor_freezing(on: bool):
-    import torch._inductor.config as cfg
-
-    prev = cfg.freezing
-    cfg.freezing = on
-    try:
-        yield
-    finally:
-        cfg.freezing = prev
 
 
 def _make_model(provider: str, fused: nn.Module, baseline: nn.Module, device) -> nn.Module:
@@ -406,21 +451,24 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
                     torch._dynamo.reset()
                 if compile_backend != "inductor":
                     row.extra["compile_backend"] = compile_backend
-                fn = torch.compile(model, mode=mode, backend=compile_backend)
+                # freezing as the compile's own option, not the global config: torch.compile
+                # backends with equal options are one backend to dynamo, so a model compiled
+                # after another of the same class would reuse its (unfrozen) graph
+                options = {"freezing": True} if freeze and compile_backend == "inductor" else None
+                fn = torch.compile(model, mode=mode, backend=compile_backend, options=options)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
 
-            def step(i, fn=fn, model=model, opt=opt, freeze=freeze):
+            def step(i, fn=fn, model=model, opt=opt):
                 x, t = inputs[i % n_inputs], targets[i % n_inputs]
-                with _inductor_freezing(freeze):
-                    if train:
-                        with autocast:
-                            loss = F.cross_entropy(fn(x), t)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    else:
-                        with torch.no_grad(), autocast:
-                            fn(x)
+                if train:
+                    with autocast:
+                        loss = F.cross_entropy(fn(x), t)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    with torch.no_grad(), autocast:
+                        fn(x)
 
             graph_fn = None
             t0 = time.perf_counter()
@@ -519,19 +567,47 @@ def default_cases(device: torch.device, quick: bool = False) -> List[Case]:
     return cases
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
+# the /proc/cpuinfo flags that decide how fast oneDNN's convolutions can be
+CPU_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                 "amx_fp16")
+
+
+def cpu_info() -> Dict[str, object]:
+    """This machine's processor: ``model`` (/proc/cpuinfo's model name), ``isa`` (which of
+    CPU_ISA_FLAGS it has), ``cores`` (physical cores), ``cpus`` (logical CPUs this process
+    may run on) and ``threads`` (torch's intra-op threads)."""
+    name, flags, cores, phys = None, None, set(), None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                key, _, val = (part.strip() for part in line.partition(":"))
+                if key == "model name" and name is None:
+                    name = val
+                elif key == "flags" and flags is None:
+                    flags = set(val.split())
+                elif key == "physical id":
+                    phys = val
+                elif key == "core id":
+                    cores.add((phys, val))
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    name, flags = name or platform.processor() or platform.machine(), flags or set()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    return {"model": name, "isa": [f for f in CPU_ISA_FLAGS if f in flags], "cores": len(cores) or None,
+            "cpus": cpus, "threads": torch.get_num_threads()}
+
+
+def cpu_has_bf16(info: Dict[str, object]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX): then the runner also
+    measures its bf16 convolution ceiling."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(info.get("isa") or ()))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = cpu_info()
+    return f"{info['model']} ({info['threads']} threads)"
 
 
 def _versions() -> Dict[str, Optional[str]]:
@@ -564,7 +640,9 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
         except ImportError:
             bar = None
     ceilings = dict(ceilings or {})
-    for dt in sorted({c.dtype for c in cases}):
+    cpu = cpu_info() if device.type == "cpu" else None
+    dts = {c.dtype for c in cases} | ({"bfloat16"} if cpu is not None and cpu_has_bf16(cpu) else set())
+    for dt in sorted(dts):
         if dt not in ceilings:
             ceilings[dt] = measure_ceilings(device, DTYPES[dt])
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FUSEDRES_") or k == "TORCH_CUDA_ARCH_LIST"}
@@ -573,6 +651,7 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
         "device_type": device.type,
         **_versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **({"cpu": cpu} if cpu is not None else {}),
         "ceilings": ceilings,
         "settings": {"reps": reps, "min_time_s": min_time, "tf32_conv": torch.backends.cudnn.allow_tf32,
                      "threads": torch.get_num_threads(),
@@ -586,9 +665,10 @@ def run(cases: List[Case], device: torch.device, reps: int, min_time: float, inc
     done: List[Row] = []
 
     def on_row(r: Row) -> None:
-        ceil = result["ceilings"][r.dtype]["gemm_tflops"]
-        if r.tflops is not None and ceil:
-            r.frac_of_gemm_ceiling = r.tflops / ceil
+        c = result["ceilings"][r.dtype]
+        if r.tflops is not None and c["gemm_tflops"]:
+            r.frac_of_gemm_ceiling = r.tflops / c["gemm_tflops"]
+            r.frac_of_ceiling = r.tflops / ceiling_of(c)[0]
         done.append(r)
         result["cases"] = [asdict(x) for x in done]
         if on_update is not None:
@@ -687,7 +767,8 @@ def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -
     """The rows as a text table; with ``predicted`` ({(case key, provider): ms}, see
     :func:`predictions`) also the traffic model's time and measured/model ratio."""
     hdr = ["model", "mode", "batch", "res", "dtype", "provider", "img/s", "ms p50 [p20,p80]", "x eager", "x compile",
-           "peak MiB", "TFLOP/s"]
+           "peak MiB", "TFLOP/s", "of ceil"]
+    ceils = {dt: ceiling_of(c) for dt, c in result["ceilings"].items() if c.get("gemm_tflops") or c.get("conv_tflops")}
     if predicted:
         hdr += ["model ms", "of model"]
     lines = []
@@ -700,14 +781,15 @@ def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -
         pred = (predicted or {}).get((_case_key(r), r["provider"]))
         if r["error"]:
             cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
-                     "error: " + r["error"][:60], "", "", "", "", ""]
+                     "error: " + r["error"][:60], "", "", "", "", "", ""]
         else:
             f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
             cells = [r["model"], r["mode"], str(r["batch"]), str(r["resolution"]), r["dtype"], r["provider"],
                      f(r["img_per_s"], ".1f"), f"{r['ms_p50']:.2f} [{r['ms_p20']:.2f},{r['ms_p80']:.2f}]",
                      f(r["vs_eager"], ".2f") + paired(r, "vs_eager_paired"),
                      f(r["vs_compile"], ".2f") + paired(r, "vs_compile_paired"),
-                     f(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None, ".0f"), f(r["tflops"], ".3g")]
+                     f(r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None, ".0f"), f(r["tflops"], ".3g"),
+                     f(r["tflops"] / ceils[r["dtype"]][0] if r["tflops"] and r["dtype"] in ceils else None, ".2f")]
         if predicted:
             ok = pred is not None and not r["error"] and r["ms_p50"]
             cells += [f"{pred:.2f}" if pred is not None else "", f"{pred / r['ms_p50']:.2f}" if ok else ""]
@@ -715,9 +797,21 @@ def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(hdr)]
     out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
-    ceil = "; ".join(f"{k}: GEMM {v['gemm_tflops']:.3g} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
-                     for k, v in result["ceilings"].items())
-    note = ""
+    def ceiling(v):
+        conv = (f"conv {v['conv_tflops']:.3g} TFLOP/s ({v['conv_dtype']}, {v['conv_shape']}), "
+                if v.get("conv_tflops") else "")
+        return f"{conv}GEMM {v['gemm_tflops']:.3g} TFLOP/s ({v['gemm_dtype']}), copy {v['copy_gb_s']:.0f} GB/s"
+
+    ceil = "; ".join(f"{k}: {ceiling(v)}" for k, v in result["ceilings"].items())
+    cpu = result.get("cpu")
+    head = result["device"] if not cpu else (
+        f"{cpu['model']} [{' '.join(cpu['isa']) or 'no AVX2'}], {cpu['cores']} cores, {cpu['threads']} threads")
+    kinds = {k for _, k in ceils.values()}
+    note = "\nof ceil: TFLOP/s / " + (
+        "the conv ceiling of the row's dtype (the fastest oneDNN convolution at ResNet-50 layer shapes, "
+        "channels_last, batch 8; the traffic model prices this file at it too)" if kinds == {"conv"} else
+        "the GEMM ceiling of the row's dtype (a matmul; this file has no convolution ceiling)" if kinds == {"gemm"}
+        else "the conv ceiling of the row's dtype where measured, else the GEMM ceiling")
     if any("vs_eager_paired" in (r.get("extra") or {}) for r in result["cases"]):
         note += "\n(x.xx): median of per-round ratios (interleaved timing)"
     if predicted:
@@ -725,7 +819,7 @@ def format_table(result: dict, predicted: Optional[Dict[tuple, float]] = None) -
                  "bytes/copy rate)); of model: model ms / measured ms")
     if not result.get("complete", True):
         note += "\n(incomplete: the run was stopped before its last row)"
-    return (f"{result['device']} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n"
+    return (f"{head} | torch {result['torch']} | triton {result['triton']} | ceilings {ceil}\n"
             + "\n".join(out) + note)
 
 
@@ -776,9 +870,24 @@ def plot(result: dict, out_png: str) -> List[str]:
     return written
 
 
+_CPU_NAME_NOISE = {"r", "tm", "intel", "amd", "processor", "cpu", "core", "with", "radeon", "graphics"}
+
+
 def default_output(result: dict, root: str = os.path.join("benchmarks", "results")) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()[:60]
+    """``<root>/<device>-<date>.json``; for a CPU (``result["cpu"]``, see :func:`cpu_info`) the
+    device part says the machine: ``cpu-<model words>-<amx|avx512|avx2>-<N>thread(s)``, e.g.
+    ``cpu-xeon-amx-1thread-2026-12-05.json``."""
     day = result["date"][:10]
+    cpu = result.get("cpu")
+    if cpu:
+        words = [w for w in re.findall(r"[a-z0-9]+", re.sub(r"@.*", "", cpu["model"].lower()))
+                 if w not in _CPU_NAME_NOISE and not w.endswith("ghz")][:2]
+        isa = set(cpu["isa"])
+        tier = "amx" if "amx_tile" in isa else "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else ""
+        n = cpu["threads"]
+        slug = "-".join(["cpu"] + words + ([tier] if tier else []) + [f"{n}thread{'s' if n != 1 else ''}"])
+    else:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()[:60]
     return os.path.join(root, f"{slug}-{day}.json")
 
 
@@ -803,10 +912,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MODEL:MODE:BATCH:RES:DTYPE[:graphs], e.g. resnet50:infer:8:224:float32 (repeatable)")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset (eager is always kept), e.g. compile-freeze,fusedres-cpu; "
-                        "'compile' and 'fusedres' also select every compile-* / fusedres-* provider")
+                        "'compile' and 'fusedres' also select every compile-* / fusedres-<backend> provider; "
+                        "fusedres-auto (backend='auto') only by its name")
     p.add_argument("--reps", type=positive_int, default=None,
                    help="timed repetitions (default 50 on CUDA, 10 on CPU, 3 quick)")
     p.add_argument("--min-time", type=nonnegative_float, default=None, help="minimum timed seconds per row")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch's intra-op threads for the run (default: torch's own, OMP_NUM_THREADS or every core)")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/<device>-<date>.json); an existing file is never "
                         "overwritten: -2, -3, ... is added to the name")
@@ -859,6 +971,8 @@ def main(args) -> int:
         check_providers(include)
     cases = [parse_case(s) for s in args.case]
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cases = cases or default_cases(dev, args.quick)
     reps = args.reps or (3 if args.quick else 50 if dev.type == "cuda" else 10)
     min_time = args.min_time if args.min_time is not None else (1.0 if dev.type == "cuda" and not args.quick else 0.0)
@@ -870,7 +984,7 @@ def main(args) -> int:
     # the output path is fixed before the run and the file rewritten after every row, so an
     # interrupted run leaves the rows it finished; an existing file is never replaced
     out = unused_path(args.out or default_output({"device": device_name(dev), "date": _dt.datetime.now(
-        _dt.timezone.utc).strftime("%Y-%m-%d")}))
+        _dt.timezone.utc).strftime("%Y-%m-%d"), **({"cpu": cpu_info()} if dev.type == "cpu" else {})}))
     result = run(cases, dev, reps, min_time, include=include, progress=not args.no_progress, interleave=interleave,
                  on_update=lambda res: write_json(out, res))
     print(format_table(result, predictions(result)))

@@ -605,13 +605,17 @@ def model_predictions(model: str, batch: int, resolution: int, dtype: str, modes
 def predict_results(result: dict) -> Dict[tuple, float]:
     """{((model, mode, batch, resolution, dtype, cuda_graphs), provider): predicted ms} for
     the modelled providers of every case in a ``fusedres bench`` results dict, at the
-    ceilings that run measured for the case's dtype."""
+    ceilings that run measured for the case's dtype: the compute rate is
+    ``fusedres.bench.ceiling_of`` (on CPU the oneDNN convolution ceiling where the file has
+    one, which a matmul does not reach there; else the GEMM's)."""
+    from .bench import ceiling_of
+
     out: Dict[tuple, float] = {}
     for r in result["cases"]:
         if r["provider"] not in PROVIDERS or r["dtype"] not in result.get("ceilings", {}):
             continue
         c = result["ceilings"][r["dtype"]]
-        ceil = Ceilings(c["gemm_tflops"], c["copy_gb_s"], source="results file")
+        ceil = Ceilings(ceiling_of(c)[0], c["copy_gb_s"], source="results file")
         items = structure(r["model"], r["batch"], r["resolution"])
         key = (r["model"], r["mode"], r["batch"], r["resolution"], r["dtype"], bool(r.get("cuda_graphs")))
         out[(key, r["provider"])] = predict(launches(items, r["provider"], r["mode"], r["dtype"]),

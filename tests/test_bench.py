@@ -2,6 +2,7 @@
 cases: this checks the runner, it measures nothing worth keeping)."""
 
 import json
+import pathlib
 import statistics
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from fusedres import bench, cli
 
 DEV = torch.device("cpu")
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def _fused_providers():
@@ -281,3 +283,76 @@ def test_merged_results_recompute_ratios_across_runs():
     assert list(rows) == ["eager", "compile", "fusedres-cuda"]  # the newer fusedres-cuda row replaced the older
     assert rows["fusedres-cuda"]["vs_eager"] == pytest.approx(2.5) and rows["fusedres-cuda"]["vs_compile"] == 2.0
     assert rows["compile"]["vs_eager"] == pytest.approx(1.25) and [r["date"] for r in m["runs"]] == ["d1", "d2"]
+
+
+# ------------------------------------------------------------------ ceilings and the machine
+
+
+def test_cpu_ceiling_is_oneDNN_convolutions_and_the_machine_is_named():
+    c = bench.measure_conv_ceiling(torch.float32, batch=1, shapes=((16, 16, 3, 8), (32, 16, 1, 8)), reps=1,
+                                   min_time=0.0)
+    assert set(c["conv_shapes_tflops"]) == {"3x3 16->16 8x8", "1x1 32->16 8x8"}
+    assert c["conv_tflops"] == max(c["conv_shapes_tflops"].values()) > 0
+    assert c["conv_shapes_tflops"][c["conv_shape"]] == c["conv_tflops"] and c["conv_dtype"] == "float32"
+    assert bench.ceiling_of(dict(c, gemm_tflops=1e-9)) == (c["conv_tflops"], "conv")
+    assert bench.ceiling_of({"gemm_tflops": 0.5, "copy_gb_s": 1.0}) == (0.5, "gemm")  # files before it
+    info = bench.cpu_info()
+    assert info["model"] and info["threads"] == torch.get_num_threads() and info["cpus"] >= 1
+    assert set(info["isa"]) <= set(bench.CPU_ISA_FLAGS)
+    path = bench.default_output({"device": "x", "date": "2026-12-05T00:00:00Z", "cpu": {
+        "model": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", "isa": ["avx512f", "amx_tile"], "threads": 1}})
+    assert path.endswith("cpu-xeon-platinum-amx-1thread-2026-12-05.json"), path
+    path = bench.default_output({"device": "x", "date": "2026-12-05", "cpu": {
+        "model": "AMD EPYC 9654 96-Core Processor", "isa": ["avx2", "avx512f"], "threads": 2}})
+    assert path.endswith("cpu-epyc-9654-avx512-2threads-2026-12-05.json"), path
+
+
+def test_runner_records_the_cpu_and_rates_rows_against_the_conv_ceiling(monkeypatch):
+    fake = {"gemm_tflops": 0.1, "gemm_dtype": "float32", "gemm_n": 1, "copy_gb_s": 10.0, "copy_bytes": 1,
+            "conv_tflops": 0.2, "conv_dtype": "float32", "conv_shape": "3x3 1->1 1x1", "conv_batch": 1,
+            "conv_shapes_tflops": {"3x3 1->1 1x1": 0.2}}
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device, dtype: dict(fake))
+    res = bench.run([bench.Case("resnet20", "infer", 2, 16, "float32")], DEV, reps=1, min_time=0.0,
+                    include=["eager"], progress=False)
+    assert res["cpu"] == bench.cpu_info() and ("bfloat16" in res["ceilings"]) == bench.cpu_has_bf16(res["cpu"])
+    (row,) = res["cases"]
+    assert row["frac_of_ceiling"] == pytest.approx(row["tflops"] / 0.2)
+    assert row["frac_of_gemm_ceiling"] == pytest.approx(row["tflops"] / 0.1)
+    table = bench.format_table(res)
+    assert "conv 0.2 TFLOP/s (float32, 3x3 1->1 1x1)" in table and "of ceil: TFLOP/s / the conv ceiling" in table
+    assert f"{res['cpu']['threads']} threads" in table.splitlines()[0]
+
+
+def test_fusedres_auto_is_a_provider_only_by_its_name():
+    case = bench.Case("resnet20", "train", 2, 16, "float32")
+    assert "fusedres-auto" not in bench._providers(case, DEV, ["fusedres"])
+    assert bench._providers(case, DEV, ["fusedres-auto"]) == ["eager", "fusedres-auto"]
+    bench.check_providers(["fusedres-auto"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.json")
+                                        if json.loads(p.read_text()).get("cases") is not None))
+def test_committed_results_files_stay_readable(name):
+    """Tables, ratios, merging and the traffic model work on every committed runner file,
+    those written before the conv ceiling and the CPU record included."""
+    from fusedres import roofline
+
+    res = json.loads((RESULTS / name).read_text())
+    table = bench.format_table(res, bench.predictions(res))
+    assert "of ceil" in table and res["cases"][0]["provider"] in table
+    merged = bench.merge_results(res, bench.recompute_ratios(json.loads((RESULTS / name).read_text())))
+    assert len(merged["cases"]) == len(res["cases"])
+    assert "model ms" in roofline.compare(res) or not any(r["provider"] in roofline.PROVIDERS for r in res["cases"])
+
+
+@pytest.mark.heavy  # two inductor compiles
+def test_compile_freeze_compiles_its_own_graph_after_compile():
+    """Interleaved, the frozen model is compiled after the unfrozen one of the same class:
+    it must trace and compile its own graph (freezing is its own compile option), not reuse
+    the graph dynamo cached for ``compile`` (which made its first call one plain forward)."""
+    case = bench.Case("resnet20", "infer", 2, 16, "float32")
+    rows = bench.run_case(case, DEV, reps=2, min_time=0.0, include=["compile", "compile-freeze"])
+    first = {r.provider: r.first_call_s for r in rows if r.error is None}
+    ms = {r.provider: r.ms_p50 for r in rows}
+    assert set(first) == {"eager", "compile", "compile-freeze"}, [r.error for r in rows]
+    assert first["compile-freeze"] > 10 * ms["compile-freeze"] / 1e3, (first, ms)
