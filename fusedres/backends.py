@@ -309,7 +309,27 @@ class CudaBackend(_ExtensionBackend):
         return _conv_cutlass
 
     @classmethod
+    def _prologue_first(cls, x, in_scale, in_shift, in_relu):
+        """(x, in_scale, in_shift, in_relu) for the convolution kernels. By default a
+        BatchNorm prologue runs as one native pass (bn_add_act: float32 scale and shift, one
+        rounding, the reference's numerics) and the convolution takes its output: CUTLASS's
+        mainloop fusion can only load scale and shift in the 16-bit storage dtype, whose
+        rounding costs |shift| * 2**-9 (bfloat16) per element and breaks the numerics rule
+        when the BatchNorm's |mean/sigma| is large (|shift| >> the normalised value).
+        ``FUSEDRES_CUDA_PROLOGUE=fused`` keeps the prologue in the CUTLASS mainloop
+        (16-bit scale and shift: one activation pass less, within the rule only for small
+        |mean/sigma|)."""
+        if in_scale is None or os.environ.get("FUSEDRES_CUDA_PROLOGUE", "exact") == "fused":
+            return x, in_scale, in_shift, in_relu
+        if cls._native_backward(x, x, None, (in_scale, in_shift)):
+            h = cls._ops().bn_add_act(x, in_scale, in_shift, None, None, None, None, in_relu)
+        else:
+            h = reference.prologue(x, in_scale, in_shift, in_relu)
+        return h, None, None, False
+
+    @classmethod
     def conv_bias_act(cls, x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu):
+        x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
         cut = cls._cutlass()
         if cut is None or cut.fprop_reason(x, weight, bias, residual, in_scale, in_relu, stride, padding, dilation, groups):
             return reference.conv_bias_act(
@@ -319,6 +339,7 @@ class CudaBackend(_ExtensionBackend):
 
     @classmethod
     def conv_stats(cls, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+        x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
         cut = cls._cutlass()
         if cut is None or cut.fprop_reason(x, weight, None, None, in_scale, in_relu, stride, padding, dilation, groups):
             return reference.conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
@@ -333,6 +354,7 @@ class CudaBackend(_ExtensionBackend):
 
     @classmethod
     def conv_wgrad(cls, dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups):
+        x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
         cut = cls._cutlass()
         if cut is None or cut.wgrad_reason(dy, x, in_scale, in_relu, weight_shape, stride, padding, dilation, groups):
             return reference.conv_wgrad(

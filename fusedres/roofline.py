@@ -34,8 +34,11 @@ Assumptions (each visible in the launch list, ``--launches``):
   ``triton``: per-tile statistics partials (128 rows a tile), split-K fp32 wgrad partials and
   their reduction, the BatchNorm-backward apply inside the dgrad/wgrad loads (two launches
   that each read the gradient and the raw conv output). ``cuda``: the apply stored once
-  (``bn_apply_relu``) and read by dgrad and wgrad; convolutions whose channels are not
-  multiples of 8 (the stem, C = 3) run through ATen and the reference statistics.
+  (``bn_apply_relu``) and read by dgrad and wgrad, the BatchNorm prologue of the inner
+  convolutions as a native pass before the forward and before the wgrad (its default
+  ``FUSEDRES_CUDA_PROLOGUE=exact``), the shortcut gradient read by the first conv's dgrad;
+  convolutions whose channels are not multiples of 8 (the stem, C = 3) run through ATen and
+  the reference statistics.
 * Not modelled: torch.compile providers, launch gaps (unless ``--launch-us``), L2 reuse
   between launches, the loss and classifier beyond their bytes.
 
@@ -333,15 +336,17 @@ def _pad_fwd(f: _Emitter, ch: Chain, a: int) -> None:
     f(f"{ch.name}.downsample", "pad_shortcut", a * sub, a * ch.convs[-1].y)
 
 
-def _shortcut_bwd(b: _Emitter, ch: Chain, a: int) -> None:
-    """The shortcut's share of the input gradient, summed with the main branch's."""
+def _shortcut_bwd(b: _Emitter, ch: Chain, a: int, summed_in_dgrad: bool = False) -> None:
+    """The shortcut's share of the input gradient, summed with the main branch's (by a
+    separate pass, or, ``summed_in_dgrad``, where the first conv's dgrad writes dx)."""
     if not ch.needs_dx or ch.shortcut == "none":
         return
     x = ch.convs[0].x
     if ch.shortcut == "tensor":  # backward of the strided slice + pad: zeros, then the slice
         sub = x // (ch.convs[0].stride ** 2)
         b(f"{ch.name}.downsample", "pad_shortcut_bwd", a * sub, a * (x + sub))
-    b(f"{ch.name}.add", "grad_accumulate", 2 * a * x, a * x, x)
+    if ch.shortcut == "tensor" or not summed_in_dgrad:
+        b(f"{ch.name}.add", "grad_accumulate", 2 * a * x, a * x, x)
 
 
 # fusedres ----------------------------------------------------------------------
@@ -353,7 +358,17 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
     last = ch.convs[-1]
     out = last.y
 
+    # cuda: the BatchNorm prologue as one native pass before the CUTLASS kernels (its
+    # default, FUSEDRES_CUDA_PROLOGUE=exact), before the forward and again before the wgrad
+    exact_pro = backend == "cuda"
+
+    def prologue_pass(emit: _Emitter, cv: Conv):
+        emit(cv.name, "prologue (bn_add_act)", a * cv.x + 2 * STAT * cv.c, a * cv.x, 3 * cv.x)
+
     def conv_stats(cv: Conv, prologue: bool):
+        if prologue and exact_pro:
+            prologue_pass(f, cv)
+            prologue = False
         pro = 2 * STAT * cv.c if prologue else 0
         if backend == "cuda" and not _cutlass_takes(cv):
             # reference.conv_stats: the prologue materialised in fp32, ATen's conv, the
@@ -395,6 +410,9 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
 
     def wgrad(cv: Conv, kind: str, extra_read: int, prologue: bool):
         pro = 2 * STAT * cv.c if prologue else 0
+        if prologue and exact_pro:
+            prologue_pass(b, cv)
+            pro = 0
         if backend == "triton":
             splits = _triton_wgrad_splits(cv)
             b(cv.name, kind, a * (cv.y + cv.x) + extra_read + pro, splits * STAT * cv.wt, cv.flops, True)
@@ -420,13 +438,16 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
         wgrad(ch.ds, "conv_wgrad", 0, False)
         if ch.needs_dx:
             dgrad(ch.ds, "conv_dgrad", 0)
+    # cuda: the shortcut's gradient is read by the first conv's dgrad as its epilogue source
+    shortcut_in_dgrad = backend == "cuda" and ch.needs_dx and ch.shortcut in ("identity", "project")
     for i in reversed(range(n)):
         cv = ch.convs[i]
         need_d = i > 0 or ch.needs_dx
+        add = a * cv.x if i == 0 and shortcut_in_dgrad else 0
         if i == n - 1:
             wgrad(cv, "conv_wgrad", 0, i > 0)
             if need_d:
-                dgrad(cv, "conv_dgrad", 0)
+                dgrad(cv, "conv_dgrad", add)
         elif backend == "triton":
             # the BN-backward apply of conv i's output gradient runs in both kernels' loads:
             # each reads the stored gradient dh and the raw conv output y (same size as dy)
@@ -437,11 +458,11 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
         else:
             b(cv.name, "bn_apply_conv_backward.apply", 2 * a * cv.y + 5 * STAT * cv.k, a * cv.y, 5 * cv.y)
             if need_d:
-                dgrad(cv, "bn_apply_conv_backward.dgrad", 0)
+                dgrad(cv, "bn_apply_conv_backward.dgrad", add)
             wgrad(cv, "bn_apply_conv_backward.wgrad", 0, i > 0)
         if i > 0:
             reduce(ch.convs[i - 1], False, f"{ch.name}.bn{i}")
-    _shortcut_bwd(b, ch, a)
+    _shortcut_bwd(b, ch, a, shortcut_in_dgrad)
 
 
 def _fused_chain_infer(f: _Emitter, ch: Chain, a: int, backend: str) -> None:

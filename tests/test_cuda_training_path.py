@@ -79,12 +79,12 @@ class _FakeCutlass:
             self.rec.inside_fake -= 1
 
     def conv_bias_act(self, x, w, bias, residual, s, t, stride, padding, dilation, relu):
-        with self._kernel("fprop"):
+        with self._kernel("fprop" if s is None else "fprop+prologue"):
             return reference.conv_bias_act(x, w, bias, residual, s, t, s is not None, stride, padding, dilation, 1,
                                            relu)
 
     def conv_stats(self, x, w, s, t, stride, padding, dilation):
-        with self._kernel("conv_stats"):
+        with self._kernel("conv_stats" if s is None else "conv_stats+prologue"):
             y, _ = reference.conv_stats(x, w, s, t, s is not None, stride, padding, dilation, 1)
             return y, reference.batch_stats(y)
 
@@ -130,10 +130,12 @@ def _step(body, x, dout):
 MODELS = [("resnet18", 8, 3, 2), ("resnet50", 16, 4, 3)]
 
 
+@pytest.mark.parametrize("prologue", ["exact", "fused"])
 @pytest.mark.parametrize("arch,blocks,projections,convs", MODELS, ids=[m[0] for m in MODELS])
-def test_training_step_runs_no_eager_pass_in_the_supported_cases(cuda_tables_on_cpu, arch, blocks, projections,
-                                                                 convs):
+def test_training_step_runs_no_eager_pass_in_the_supported_cases(cuda_tables_on_cpu, monkeypatch, arch, blocks,
+                                                                 projections, convs, prologue):
     rec, fake = cuda_tables_on_cpu
+    monkeypatch.setenv("FUSEDRES_CUDA_PROLOGUE", prologue)
     dt, cl = torch.bfloat16, torch.channels_last
     body = _body(arch, "cuda", dt, True)
     x = torch.randn(BATCH, 64, 16, 16).to(dt, memory_format=cl)
@@ -144,19 +146,26 @@ def test_training_step_runs_no_eager_pass_in_the_supported_cases(cuda_tables_on_
         _step(body, x, dout)
     assert dict(rec.aten) == {}, f"ATen passes over activations: {dict(rec.aten)}"
     n_convs = blocks * convs + projections
+    inner = blocks * (convs - 1)  # convolutions whose input is the previous BatchNorm+ReLU
+    fused = prologue == "fused"
     # every convolution on the (faked) CUTLASS kernels: forward with the statistics, the
-    # BatchNorm+ReLU of the previous conv applied while loading (prologue) in the forward
-    # and the weight gradient, each block's shortcut gradient added where dx is written
-    assert fake.calls["conv_stats"] == n_convs and fake.calls["fprop"] == 0
+    # inner convolutions' BatchNorm+ReLU input applied while loading (fused) or by one
+    # native pass before the forward and the weight gradient (exact), each block's shortcut
+    # gradient added where dx is written
+    assert fake.calls["conv_stats"] + fake.calls["conv_stats+prologue"] == n_convs
+    assert fake.calls["conv_stats+prologue"] == (inner if fused else 0)
+    assert fake.calls["fprop"] + fake.calls["fprop+prologue"] == 0
     assert fake.calls["wgrad"] + fake.calls["wgrad+prologue"] == n_convs
-    assert fake.calls["wgrad+prologue"] == blocks * (convs - 1)
+    assert fake.calls["wgrad+prologue"] == (inner if fused else 0)
     assert fake.calls["dgrad+shortcut"] == blocks
     assert fake.calls["dgrad"] == n_convs - blocks
-    # the BatchNorm kernels: statistics merge, output apply with the residual, the backward
-    # reduce/apply, the inner applies once each (bn_apply_relu) and the ReLU of the output
-    assert rec.ext["bn_finalize"] == n_convs and rec.ext["bn_add_act"] == blocks
+    # the BatchNorm kernels: statistics merge, output apply with the residual (and the
+    # exact prologues), the backward reduce/apply, the inner applies once each
+    # (bn_apply_relu) and the ReLU of the output
+    assert rec.ext["bn_finalize"] == n_convs
+    assert rec.ext["bn_add_act"] == blocks + (0 if fused else 2 * inner)
     assert rec.ext["bn_backward_reduce"] == n_convs
-    assert rec.ext["bn_apply_relu"] == blocks * (convs - 1)
+    assert rec.ext["bn_apply_relu"] == inner
     assert rec.ext["bn_backward_apply"] == blocks + projections
     assert rec.ext["act_grad"] == blocks - projections  # identity shortcuts: the gradient through the ReLU
 
@@ -208,3 +217,31 @@ def test_outside_the_supported_cases_convolutions_fall_back_with_a_reason(cuda_t
         _step(block, x, torch.randn(BATCH, c, 6, 6).to(dtype, memory_format=fmt))
     assert sum(fake.calls.values()) == 0  # every convolution through ATen
     assert rec.aten["convolution"] + rec.aten["convolution_backward"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_default_prologue_has_the_reference_numerics_far_from_zero(cuda_tables_on_cpu, dtype):
+    """A BatchNorm with |mean/sigma| = 64 before the conv: |shift| ~ 64 for normalised values
+    ~ 1. The default (exact) prologue gives the reference's input to the conv bit for bit,
+    float32 scale and shift; the CUTLASS mainloop fusion would round them to 16 bits (see
+    tests/test_triton.py for what that costs)."""
+    _, fake = cuda_tables_on_cpu
+    gen = torch.Generator().manual_seed(0)
+    c = 16
+    sigma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.25
+    mean = 64 * sigma
+    x = (mean.view(1, -1, 1, 1) + sigma.view(1, -1, 1, 1) * torch.randn(BATCH, c, 6, 6, generator=gen,
+                                                                         dtype=torch.float64))
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    scale = (1 / sigma).float()
+    shift = (-mean * scale.double()).float()
+    w = (torch.randn(8, c, 3, 3, generator=gen) / 12).to(dtype).contiguous(memory_format=torch.channels_last)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    cuda = backends.get("cuda")
+    y, _ = cuda.conv_stats(x, w, scale, shift, True, *geo)
+    want, _ = reference.conv_stats(x, w, scale, shift, True, *geo)
+    assert torch.equal(y, want)
+    dy = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cuda.conv_wgrad(dy, x, scale, shift, True, list(w.shape), *geo),
+                       reference.conv_wgrad(dy, x, scale, shift, True, list(w.shape), *geo))
+    assert fake.calls["conv_stats"] == 1 and fake.calls["wgrad"] == 1 and "conv_stats+prologue" not in fake.calls

@@ -178,6 +178,55 @@ def test_bn_apply_fused_into_dgrad_and_wgrad(case, dtype):
             assert dw.numel() == 0
 
 
+def _far_from_zero_bn_case(dtype, mean_over_sigma=64.0, seed=3):
+    """A conv input whose previous BatchNorm has |mean/sigma| = ``mean_over_sigma``: x = mean +
+    sigma*z stored in ``dtype``; scale = gamma/sigma and shift = beta - mean*scale in float32,
+    so x*scale and shift nearly cancel (|shift| ~ 64 for outputs ~ 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
+    n, c, hw, k = 2, 16, 6, 8
+    sigma = rnd(c).abs() * 0.5 + 0.25
+    mean = mean_over_sigma * sigma * torch.sign(rnd(c))
+    x = (mean.view(1, -1, 1, 1) + sigma.view(1, -1, 1, 1) * rnd(n, c, hw, hw)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).to(DEVICE)
+    gamma, beta = rnd(c).abs() + 0.5, rnd(c) * 0.5
+    scale = (gamma / sigma).float()
+    shift = (beta - mean * scale.double()).float()
+    wt = (rnd(k, c, 3, 3) / (9 * c) ** 0.5).to(dtype).contiguous(memory_format=torch.channels_last).to(DEVICE)
+    return x, wt, scale.to(DEVICE), shift.to(DEVICE), ([1, 1], [1, 1], [1, 1], 1)
+
+
+def _within_2x(got, want, want64, dtype, name):
+    """README, Numerics: err(fused vs fp64) <= 2 * err(torch same dtype vs fp64) + slack."""
+    from fusedres.testing import SLACK, max_rel_err
+
+    err, base = max_rel_err(got, want64), max_rel_err(want, want64)
+    assert err <= 2 * base + SLACK[dtype], f"{name}: error {err:.3g} vs torch's {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_prologue_keeps_scale_and_shift_in_float32(dtype):
+    """relu(x*scale + shift) on load in float32, one rounding to the 16-bit operand: within
+    the numerics rule where the BatchNorm before the conv has a large |mean/sigma|. Rounding
+    scale and shift to 16 bits instead (emulated) breaks the rule on the same inputs."""
+    x, wt, s, t, geom = _far_from_zero_bn_case(dtype)
+    x64, w64 = x.double(), wt.double()
+    y, _ = T.conv_stats(x, wt, s, t, True, *geom)
+    yr, _ = R.conv_stats(x, wt, s, t, True, *geom)
+    y64, _ = R.conv_stats(x64, w64, s.double(), t.double(), True, *geom)
+    _within_2x(y, yr, y64, dtype, "conv_stats with the prologue")
+    dy = torch.randn(y.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last).to(DEVICE)
+    dw = T.conv_wgrad(dy, x, s, t, True, list(wt.shape), *geom)
+    dwr = R.conv_wgrad(dy, x, s, t, True, list(wt.shape), *geom)
+    dw64 = R.conv_wgrad(dy.double(), x64, s.double(), t.double(), True, list(wt.shape), *geom)
+    _within_2x(dw, dwr, dw64, dtype, "conv_wgrad with the prologue")
+    # the test can fail: scale and shift rounded to the storage dtype miss the bound
+    s16, t16 = s.to(dtype).float(), t.to(dtype).float()
+    y16, _ = R.conv_stats(x, wt, s16, t16, True, *geom)
+    with pytest.raises(AssertionError, match="error"):
+        _within_2x(y16, yr, y64, dtype, "16-bit scale and shift")
+
+
 def test_wgrad_split_reduction_matches():
     # enough output pixels that the reduction is split in several chunks
     case = ("big-m", 3, 4, 12, 12, 5, 3, 1, 1, 1, 1, "channels_last")
