@@ -350,6 +350,7 @@ def test_compile_freeze_compiles_its_own_graph_after_compile():
     """Interleaved, the frozen model is compiled after the unfrozen one of the same class:
     it must trace and compile its own graph (freezing is its own compile option), not reuse
     the graph dynamo cached for ``compile`` (which made its first call one plain forward)."""
+    torch._dynamo.reset()  # graphs cached by earlier tests of this process would be reused by both
     case = bench.Case("resnet20", "infer", 2, 16, "float32")
     rows = bench.run_case(case, DEV, reps=2, min_time=0.0, include=["compile", "compile-freeze"])
     first = {r.provider: r.first_call_s for r in rows if r.error is None}
