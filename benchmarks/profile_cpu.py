@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import statistics
@@ -71,14 +72,20 @@ def providers(model_name: str, names=PROVIDERS):
     return out
 
 
-def profile(model_name: str, batch: int, res: int, rounds: int, names=PROVIDERS) -> dict:
+def profile(model_name: str, batch: int, res: int, rounds: int, names=PROVIDERS, dtype: str = "float32") -> dict:
+    """``dtype`` "bfloat16" runs every forward under CPU autocast (fp32 weights), as the
+    runner's bfloat16 rows do."""
     from torch.profiler import ProfilerActivity, profile as prof
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
     provs = providers(model_name, names)
     per = {name: collections.defaultdict(list) for name in provs}
-    with torch.no_grad():
+    with torch.no_grad(), amp:
         for fn in provs.values():
             for _ in range(3):
                 fn(x)
@@ -101,7 +108,7 @@ def profile(model_name: str, batch: int, res: int, rounds: int, names=PROVIDERS)
                     per[name][k].append(v)
     cats = [c for c, _ in CATEGORIES] + ["other", "total"]
     return {
-        "model": model_name, "batch": batch, "resolution": res, "dtype": "float32", "rounds": rounds,
+        "model": model_name, "batch": batch, "resolution": res, "dtype": dtype, "rounds": rounds,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "providers": list(provs),
         "ms": {name: {c: round(statistics.median(v[c]), 3) if v.get(c) else 0.0 for c in cats}
                for name, v in per.items()},
@@ -124,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: every forward under CPU autocast, as the runner's bfloat16 rows")
     p.add_argument("--providers", default=",".join(PROVIDERS),
                    help="comma-separated subset of " + ", ".join(PROVIDERS) + " (all by default); the "
                    "providers share one process, so each can change the others' figures")
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
         check_names(names)
     except ValueError as e:
         p.error(f"--{e}")
-    result = profile(a.model, a.batch, a.resolution, a.rounds, names)
+    result = profile(a.model, a.batch, a.resolution, a.rounds, names, a.dtype)
     print(table(result))
     if a.out:
         with open(a.out, "w") as f:

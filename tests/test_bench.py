@@ -124,6 +124,9 @@ def test_cpu_profile_breaks_a_forward_into_categories():
     names = ["eager"] + (["fusedres-cpu"] if "fusedres-cpu" in _fused_providers() else [])
     res = prof.profile("resnet18", 1, 32, 1, tuple(names))
     assert res["providers"] == names and set(res["ms"]) == set(names)
+    assert prof.profile("resnet18", 1, 32, 1, ("eager",), "bfloat16")["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be"):
+        prof.profile("resnet18", 1, 32, 1, ("eager",), "float16")
     for name in names:
         row = res["ms"][name]
         assert row["convolution"] > 0 and row["total"] > 0
