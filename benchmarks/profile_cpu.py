@@ -62,11 +62,9 @@ def providers(model_name: str, names=PROVIDERS):
     if "eager" in names:
         out["eager"] = copy.deepcopy(baseline).to(memory_format=cl).eval()
     if "compile-freeze" in names:
-        import torch._inductor.config as cfg
-
-        cfg.freezing = True
         torch._dynamo.reset()
-        out["compile-freeze"] = torch.compile(copy.deepcopy(baseline).to(memory_format=cl).eval())
+        out["compile-freeze"] = bench.compile_provider(copy.deepcopy(baseline).to(memory_format=cl).eval(),
+                                                       "compile-freeze")
     if "fusedres-cpu" in names:
         out["fusedres-cpu"] = fusedres.set_backend(copy.deepcopy(fused), "cpu").to(memory_format=cl).eval()
     return out

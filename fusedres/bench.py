@@ -342,6 +342,32 @@ def _make_model(provider: str, fused: nn.Module, baseline: nn.Module, device) ->
     return copy.deepcopy(baseline).to(device)
 
 
+def compile_provider(model: nn.Module, provider: str, backend: str = "inductor") -> Callable:
+    """``model`` compiled as the ``compile-*`` ``provider`` says.
+
+    ``compile-freeze``: inductor freezes only where its *global* ``freezing`` config is on
+    while dynamo traces (dynamo lifts parameters to graph inputs unless
+    ``torch._inductor.config.freezing`` is set at that moment; ``options={"freezing": True}``
+    alone reaches inductor after that and gives an unfrozen graph), so every call, and with
+    it every (re)compile, runs under ``config.patch(freezing=True)``. The option is passed
+    too: torch.compile backends with equal options are one backend to dynamo, and a frozen
+    model compiled after an unfrozen one of the same class would otherwise reuse its graph."""
+    if not provider.startswith("compile"):
+        raise ValueError(f"provider must be one of the compile-* providers, got {provider!r}")
+    mode = {"compile-max-autotune": "max-autotune", "compile-cudagraphs": "reduce-overhead"}.get(provider)
+    freeze = provider == "compile-freeze" and backend == "inductor"
+    fn = torch.compile(model, mode=mode, backend=backend, options={"freezing": True} if freeze else None)
+    if not freeze:
+        return fn
+    import torch._inductor.config as inductor_config
+
+    def frozen(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return fn(*args, **kwargs)
+
+    return frozen
+
+
 def _time_one(fn: Callable[[int], None], i: int, device: torch.device) -> float:
     if device.type == "cuda":
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -444,18 +470,12 @@ def run_case(case: Case, device: torch.device, reps: int, min_time: float, n_inp
         try:
             model = _make_model(prov, fused, baseline, device).to(memory_format=cl).train(train)
             fn = model
-            freeze = prov == "compile-freeze"
             if prov.startswith("compile"):
-                mode = {"compile-max-autotune": "max-autotune", "compile-cudagraphs": "reduce-overhead"}.get(prov)
                 if not interleave:  # interleaved compiled models must keep their code caches
                     torch._dynamo.reset()
                 if compile_backend != "inductor":
                     row.extra["compile_backend"] = compile_backend
-                # freezing as the compile's own option, not the global config: torch.compile
-                # backends with equal options are one backend to dynamo, so a model compiled
-                # after another of the same class would reuse its (unfrozen) graph
-                options = {"freezing": True} if freeze and compile_backend == "inductor" else None
-                fn = torch.compile(model, mode=mode, backend=compile_backend, options=options)
+                fn = compile_provider(model, prov, compile_backend)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
 
             def step(i, fn=fn, model=model, opt=opt):

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+import torch.nn as nn
 
 from fusedres import bench, cli
 
@@ -346,6 +347,25 @@ def test_committed_results_files_stay_readable(name):
     merged = bench.merge_results(res, bench.recompute_ratios(json.loads((RESULTS / name).read_text())))
     assert len(merged["cases"]) == len(res["cases"])
     assert "model ms" in roofline.compare(res) or not any(r["provider"] in roofline.PROVIDERS for r in res["cases"])
+
+
+@pytest.mark.parametrize("provider", ["compile", "compile-freeze"])
+def test_compile_freeze_is_a_frozen_graph(provider):
+    """The ``compile-freeze`` provider's graph holds the weights as constants (an in-place
+    edit after its first call changes nothing), ``compile``'s reads them on every call: a
+    frozen provider that silently ran unfrozen would time plain compile under its name."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    fn = bench.compile_provider(m, provider)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = fn(x)
+        m[0].weight.mul_(2)
+        after = fn(x)
+    assert torch.equal(before, after) == (provider == "compile-freeze")
+    with pytest.raises(ValueError, match="provider"):
+        bench.compile_provider(m, "eager")
 
 
 @pytest.mark.heavy  # two inductor compiles
