@@ -179,6 +179,22 @@ at::Tensor act_grad_cpu_op(const at::Tensor& dout, const at::Tensor& out) {
   return p.dx;
 }
 
+// In place; a tensor whose elements are not one dense block of its storage (a strided view)
+// goes through at::relu_, which gives the same result.
+void relu_cpu_op(at::Tensor& x) {
+  constexpr const char* op = "fusedres_ext::relu_";
+  check_storage(op, "x", x);
+  if (!x.is_non_overlapping_and_dense()) {
+    x.relu_();
+    return;
+  }
+  dispatch_storage<Half, BFloat16>(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    T* d = static_cast<T*>(x.mutable_data_ptr());
+    at::parallel_for(0, x.numel(), 65536, [&](int64_t b, int64_t e) { relu_inplace_cpu<T>(d, b, e); });
+  });
+}
+
 }  // namespace
 }  // namespace fusedres
 
@@ -198,6 +214,7 @@ TORCH_LIBRARY(fusedres_ext, m) {
       "Tensor? out, bool relu, Tensor? sample_scale, Tensor sum_g, Tensor sum_gx) -> Tensor");
   m.def("bn_apply_relu(Tensor dh, Tensor y, Tensor scale, Tensor shift, Tensor coefs) -> Tensor");
   m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
+  m.def("relu_(Tensor(a!) x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
@@ -208,6 +225,7 @@ TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
   m.impl("bn_backward_apply", &fusedres::bn_backward_apply_cpu_op);
   m.impl("bn_apply_relu", &fusedres::bn_apply_relu_cpu_op);
   m.impl("act_grad", &fusedres::act_grad_cpu_op);
+  m.impl("relu_", &fusedres::relu_cpu_op);
 }
 
 // ------------------------------------------------------------------ Python module

@@ -39,6 +39,12 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
     coefficients computed once per channel (fusedres.reference.bn_apply_relu); y's dtype
     and layout rule.
 
+``torch.ops.fusedres_ext.relu_(x)`` (CPU)
+    ReLU in place with torch.relu's values: NaN stays NaN (its payload kept; torch's 16-bit
+    ReLU may canonicalise it), -0 stays -0, -inf becomes +0. The 16-bit types work on their
+    bit patterns, at memory speed (ATen's 16-bit ReLU converts every element to float and
+    back).
+
 ``torch.ops.fusedres_ext.act_grad(dout, out)``
     -> dout where out > 0, else 0 (NaN out keeps dout); any shape, out in dout's dtype; the
     result follows dout's layout rule.
@@ -183,6 +189,10 @@ def _register_fakes() -> None:
             f"got {list(out.shape)}",
         )
         return torch.empty(dout.shape, dtype=dout.dtype, device=dout.device, memory_format=_memory_format(dout))
+
+    @torch.library.register_fake("fusedres_ext::relu_")
+    def _relu_fake(x):
+        return None
 
     from . import _conv_cutlass  # the convolution ops' fakes live with their Python side
 

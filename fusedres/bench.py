@@ -10,6 +10,9 @@ dtype):
 * ``compile-max-autotune`` inference only, GPU only: ``mode="max-autotune"``
 * ``compile-cudagraphs``   latency rows (``--cuda-graphs``): ``mode="reduce-overhead"``
 * ``fusedres-<backend>``   every fusedres backend usable on the device
+* ``fusedres-frozen``      inference only, only when named: ``backend="auto"`` after
+                           ``fusedres.freeze`` (folded weights, and on CPU their oneDNN-packed
+                           copies, cached: the deployment counterpart of ``compile-freeze``)
 * ``fusedres-auto``        ``backend="auto"`` (only when named: it is one of the others, or on
                            CPU in training the blocks' torch.nn modules)
 
@@ -280,13 +283,15 @@ def _flops(model: nn.Module, x: torch.Tensor, train: bool) -> Optional[float]:
 
 
 BASE_PROVIDERS = ("eager", "compile", "compile-freeze", "compile-max-autotune", "compile-cudagraphs")
+# providers selected only by their full name, never by the "fusedres" group
+NAMED_ONLY = ("fusedres-auto", "fusedres-frozen")
 
 
 def provider_names() -> List[str]:
     """Every provider name the runner knows (whether or not usable on this machine)."""
     from . import backends
 
-    return list(BASE_PROVIDERS) + [f"fusedres-{b}" for b in backends.BACKEND_NAMES] + ["fusedres-auto"]
+    return list(BASE_PROVIDERS) + [f"fusedres-{b}" for b in backends.BACKEND_NAMES] + list(NAMED_ONLY)
 
 
 def check_providers(names: Sequence[str]) -> None:
@@ -318,8 +323,10 @@ def _providers(case: Case, device: torch.device, include: Optional[List[str]], e
             if b == "triton" and device.type != "cuda":
                 continue  # the interpreter is a correctness tool, not something to time
             names.append(f"fusedres-{b}")
-    if "fusedres-auto" in list(case.providers or ()) + list(include or ()):
-        names.append("fusedres-auto")  # only by its full name: not one of "every fusedres backend"
+    named = list(case.providers or ()) + list(include or ())
+    for p in NAMED_ONLY:  # only by the full name: not one of "every fusedres backend"
+        if p in named and (p != "fusedres-frozen" or case.mode == "infer"):
+            names.append(p)
 
     def select(names, wanted, exact):
         out = ["eager"] if "eager" in names and not exact else []
@@ -337,6 +344,8 @@ def _providers(case: Case, device: torch.device, include: Optional[List[str]], e
 def _make_model(provider: str, fused: nn.Module, baseline: nn.Module, device) -> nn.Module:
     import fusedres
 
+    if provider == "fusedres-frozen":
+        return fusedres.freeze(fusedres.set_backend(copy.deepcopy(fused), "auto").to(device))
     if provider.startswith("fusedres-"):
         return fusedres.set_backend(copy.deepcopy(fused), provider[len("fusedres-"):]).to(device)
     return copy.deepcopy(baseline).to(device)
@@ -577,7 +586,8 @@ def default_cases(device: torch.device, quick: bool = False) -> List[Case]:
             cases = [Case("resnet50", "infer", 64, 224, "bfloat16", providers=("eager", "compile-freeze", "fusedres")),
                      Case("resnet56", "train", 128, 32, "bfloat16", providers=("eager", "fusedres"))]
         return cases
-    cases = [Case("resnet50", "infer", 8, 224, "float32")]
+    cases = [Case("resnet50", "infer", 8, 224, "float32",
+                  providers=("eager", "compile", "fusedres", "fusedres-frozen"))]
     if quick:
         # a smoke run of every provider kind in about a minute on 2 cores: compiling a
         # training step takes that long by itself on such a machine, so training is timed
@@ -933,7 +943,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated subset (eager is always kept), e.g. compile-freeze,fusedres-cpu; "
                         "'compile' and 'fusedres' also select every compile-* / fusedres-<backend> provider; "
-                        "fusedres-auto (backend='auto') only by its name")
+                        "fusedres-auto (backend='auto') and fusedres-frozen (inference, backend='auto' after "
+                        "fusedres.freeze) only by their names")
     p.add_argument("--reps", type=positive_int, default=None,
                    help="timed repetitions (default 50 on CUDA, 10 on CPU, 3 quick)")
     p.add_argument("--min-time", type=nonnegative_float, default=None, help="minimum timed seconds per row")

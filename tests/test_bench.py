@@ -327,11 +327,25 @@ def test_runner_records_the_cpu_and_rates_rows_against_the_conv_ceiling(monkeypa
     assert f"{res['cpu']['threads']} threads" in table.splitlines()[0]
 
 
-def test_fusedres_auto_is_a_provider_only_by_its_name():
+def test_fusedres_auto_and_frozen_are_providers_only_by_their_names():
     case = bench.Case("resnet20", "train", 2, 16, "float32")
     assert "fusedres-auto" not in bench._providers(case, DEV, ["fusedres"])
     assert bench._providers(case, DEV, ["fusedres-auto"]) == ["eager", "fusedres-auto"]
     bench.check_providers(["fusedres-auto"])
+    # fusedres-frozen: inference only, by its name only; its model is frozen
+    assert bench._providers(case, DEV, ["fusedres-frozen"]) == ["eager"]
+    infer = bench.Case("resnet20", "infer", 2, 16, "float32")
+    assert "fusedres-frozen" not in bench._providers(infer, DEV, ["fusedres"])
+    assert bench._providers(infer, DEV, ["fusedres-frozen"]) == ["eager", "fusedres-frozen"]
+    assert "fusedres-frozen" in bench._providers(bench.default_cases(DEV)[0], DEV, None)
+    bench.check_providers(["fusedres-frozen"])
+    from fusedres import _frozen
+
+    fused = bench._build_fused("resnet20")
+    frozen = bench._make_model("fusedres-frozen", fused, fused, DEV)
+    convs = [m for m in frozen.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c in _frozen.CONVS for c in convs)
+    assert not any(c in _frozen.CONVS for c in fused.modules() if isinstance(c, nn.Conv2d))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.json")

@@ -522,6 +522,72 @@ def test_act_grad_any_shape_and_empty():
         assert torch.equal(ops.act_grad(dout, out), reference.act_grad(dout, out))
 
 
+# ------------------------------------------------------------------------------ relu_
+
+
+def _same_values(got, want):
+    """Equal values element by element: NaN where the other is NaN (payloads may differ),
+    every other bit pattern equal (so -0 stays -0)."""
+    assert torch.equal(got.isnan(), want.isnan())
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    keep = ~got.isnan()
+    assert torch.equal(got.view(ints)[keep], want.view(ints)[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt_id)
+def test_relu_every_16bit_pattern_like_torch(dtype):
+    """All 65536 bit patterns, in place: torch.relu's values."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = torch.relu(x)
+    got = x.clone()
+    assert ops.relu_(got) is None
+    _same_values(got, want)
+    assert int((got.view(torch.int16) != x.view(torch.int16)).sum()) == int((x < 0).sum())  # only negatives change
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dt_id)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "noncontig"])
+def test_relu_specials_layouts_and_threads_like_torch(dtype, fmt):
+    x = torch.randn(3, 37, 41, 33)  # > one parallel grain
+    x.view(-1)[::5] = -0.0
+    x.view(-1)[1::7] = float("nan")
+    x.view(-1)[2::11] = -float("inf")
+    x.view(-1)[3::13] = float("inf")
+    x = _layout(x.to(dtype), fmt)
+    want, got = torch.relu(x), x
+    ops.relu_(got)
+    assert got.stride() == want.stride()
+    _same_values(got, want)
+
+
+def test_relu_empty_errors_and_opcheck():
+    ops.relu_(torch.empty(0, 3, dtype=torch.bfloat16))
+    base = torch.randn(4, 6).to(torch.bfloat16)
+    view, want = base[:, ::2], base.relu()  # strided: not one dense block
+    ops.relu_(view)
+    assert torch.equal(base, torch.where(torch.arange(6) % 2 == 0, want, base.clone()))
+    with pytest.raises(RuntimeError, match=r"fusedres_ext::relu_: x must be float32, float64, float16 or bfloat16"):
+        ops.relu_(torch.ones(3, dtype=torch.int32))
+    torch.library.opcheck(ops.relu_, (torch.randn(2, 8, 3, 3).to(torch.bfloat16),))
+
+
+def test_cpu_backend_relu_after_onednn_keeps_nan_16bit():
+    """The cpu backend's inference conv in bfloat16 ReLUs with the native pass: NaN from the
+    input stays NaN, exactly where torch.nn's conv + ReLU puts it."""
+    from fusedres import backends
+
+    cpu = backends.get("cpu")
+    if torch.bfloat16 not in cpu._onednn_dtypes():
+        pytest.skip("oneDNN has no bfloat16 convolution on this CPU")
+    x = torch.randn(2, 16, 6, 6).to(torch.bfloat16).contiguous(memory_format=CL)
+    x[0, :, 2, 2] = float("nan")
+    w = torch.randn(16, 16, 3, 3).to(torch.bfloat16).contiguous(memory_format=CL)
+    got = cpu.conv_bias_act(x, w, None, None, None, None, False, [1, 1], [1, 1], [1, 1], 1, True)
+    want = torch.relu(torch.nn.functional.conv2d(x, w, None, 1, 1))
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 # --------------------------------------------------------------------- backend wiring
 
 

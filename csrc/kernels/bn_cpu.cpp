@@ -520,13 +520,46 @@ void act_grad_cpu(const T* dout, const T* out, T* dx, int64_t begin, int64_t end
   }
 }
 
+// ------------------------------------------------------------------------- relu
+
+namespace {
+
+// A 16-bit pattern is negative, non-zero and not NaN when its sign bit is set and its
+// magnitude bits lie in (0, inf_bits]: exactly the values ReLU maps to +0.
+template <uint16_t InfBits>
+inline void relu_bits(uint16_t* x, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const uint16_t b = x[i];
+    const uint16_t mag = b & 0x7fffu;
+    const bool to_zero = (b & 0x8000u) != 0 && mag != 0 && mag <= InfBits;
+    x[i] = to_zero ? uint16_t(0) : b;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void relu_inplace_cpu(T* x, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    relu_bits<0x7f80u>(reinterpret_cast<uint16_t*>(x), begin, end);
+  } else if constexpr (std::is_same_v<T, Half>) {
+    relu_bits<0x7c00u>(reinterpret_cast<uint16_t*>(x), begin, end);
+  } else {
+    for (int64_t i = begin; i < end; ++i) {
+      const T v = x[i];
+      x[i] = v < T(0) ? T(0) : v;
+    }
+  }
+}
+
 #define FUSEDRES_BN_REDUCE_CPU(T, S)                                                                       \
   template void batch_stats_blocks_cpu<T, S>(const T*, const BatchStatsParams<S>&, double*, int64_t, int64_t); \
   template void bn_backward_reduce_blocks_cpu<T, S>(const T*, const T*, const T*, const BnBackwardParams<S>&,  \
                                                     double*, int64_t, int64_t);                              \
   template void bn_backward_apply_cpu<T, S>(const T*, const T*, const T*, T*, const BnBackwardParams<S>&,      \
                                             int64_t, int64_t);                                               \
-  template void act_grad_cpu<T>(const T*, const T*, T*, int64_t, int64_t);
+  template void act_grad_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                                 \
+  template void relu_inplace_cpu<T>(T*, int64_t, int64_t);
 FUSEDRES_BN_REDUCE_CPU(float, float)
 FUSEDRES_BN_REDUCE_CPU(double, double)
 FUSEDRES_BN_REDUCE_CPU(Half, float)

@@ -91,4 +91,11 @@ void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, T* dy, const
 template <typename T>
 void act_grad_cpu(const T* dout, const T* out, T* dx, int64_t begin, int64_t end);
 
+// x = x < 0 ? +0 : x in place over the flat elements [begin, end): torch.relu's values (NaN
+// stays NaN, with its payload kept where torch's 16-bit ReLU may canonicalise it; -0 stays -0;
+// -inf becomes +0). The 16-bit types work on the bit pattern alone (no conversion to float),
+// which is what makes it a memory-speed pass.
+template <typename T>
+void relu_inplace_cpu(T* x, int64_t begin, int64_t end);
+
 }  // namespace fusedres
