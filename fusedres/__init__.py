@@ -10,7 +10,9 @@ from . import ops  # registers the fusedres:: custom ops
 from . import functional, testing
 from .functional import freeze, unfreeze
 from .backends import BackendStatus, BackendUnavailableError, available_backends
-from .blocks import BasicBlock, Bottleneck, ConvBNAct, FusedSequential, PadShortcut, PreActBasicBlock, SyncBatchNorm2d
+from .blocks import (
+    BasicBlock, Bottleneck, ConvBNAct, FusedSequential, FusedStage, PadShortcut, PreActBasicBlock, SyncBatchNorm2d,
+)
 from .convert import ConversionReport, convert, convert_sync_batchnorm, set_backend
 from .explain import Explanation, explain
 from .models import (
@@ -42,6 +44,7 @@ __all__ = [
     "PreActBasicBlock",
     "ConvBNAct",
     "FusedSequential",
+    "FusedStage",
     "PadShortcut",
     "SyncBatchNorm2d",
     "convert",

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from . import backends
 from ._fx import is_proxy, leaf_call
-from .functional import residual_block
+from .functional import call_donating, residual_block
 from .reference import stat_dtype
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "PreActBasicBlock", "ConvBNAct", "PadShortcut", "FusedSequential",
+    "BasicBlock", "Bottleneck", "PreActBasicBlock", "ConvBNAct", "PadShortcut", "FusedSequential", "FusedStage",
     "conv3x3", "conv1x1",
 ]
 
@@ -383,6 +383,61 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         factor = _running_update_factor(self)
         be = backends.resolve(self.backend, x.device)
         return SyncBatchNormFn.apply(x, gamma, beta, rm, rv, factor, self.eps, group, be)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+# blocks whose forward is one residual_block call on its input and nothing else
+_DONEE_TYPES = (BasicBlock, Bottleneck, PreActBasicBlock)
+
+
+def _no_global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
+def _donation_allowed(x: Tensor) -> bool:
+    """An evaluation forward that nothing observes: grad off, not compiling or tracing, no
+    torch function/dispatch mode, a plain tensor, no global module hooks."""
+    return (
+        not torch.is_grad_enabled()
+        and type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._len_torch_dispatch_stack() == 0
+        and _no_global_hooks()
+    )
+
+
+class FusedStage(nn.Sequential):
+    """``nn.Sequential`` of residual blocks (one ResNet stage) that runs as ``nn.Sequential``
+    does, except that in an evaluation forward nothing observes (grad off, no tracing,
+    compiling or hooks that could keep a block's output) each block's output is handed to
+    the next block as a temporary: a fused block whose shortcut is that input then
+    accumulates its last convolution into the input's memory (the cpu backend's oneDNN
+    in-place sum) instead of into a copy of it. Results are those of ``nn.Sequential``
+    bit for bit; children, state_dict keys and indexing are unchanged. The builders of
+    :mod:`fusedres.models` make their stages this class."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if is_proxy(x) or not _donation_allowed(x):
+            return super().forward(x)
+        prev = None
+        for m in self._modules.values():
+            if (
+                prev is not None
+                and type(prev) in _DONEE_TYPES and type(m) in _DONEE_TYPES
+                and not prev._forward_hooks and not m._forward_pre_hooks
+            ):
+                # x is prev's output, made by its backend in this call: nothing else holds it
+                x = call_donating(m, x)
+            else:
+                x = m(x)
+            prev = m
+        return x
 
 
 # --------------------------------------------------------------------------- runs in nn.Sequential

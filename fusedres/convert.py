@@ -35,6 +35,7 @@ from .blocks import (
     BasicBlock,
     Bottleneck,
     FusedSequential,
+    FusedStage,
     _TimmBlock,
     sequential_runs,
 )
@@ -164,7 +165,19 @@ def _convert_children(module: nn.Module, prefix: str, backend: str, fuse_runs: b
             report.replaced.append((path, run, "a fused run of fusedres.FusedSequential"))
         if fused:
             FusedSequential.fuse(module, backend)
+        elif type(module) is nn.Sequential and _hands_on(module):
+            # a stage of fused blocks: each block's output goes to the next as a temporary
+            module.__class__ = FusedStage
+            report.replaced.append((prefix, "nn.Sequential of blocks", "fusedres.FusedStage"))
     return module
+
+
+def _hands_on(seq: nn.Sequential) -> bool:
+    """Whether two consecutive children of ``seq`` are blocks a FusedStage hands on between."""
+    from .blocks import _DONEE_TYPES
+
+    mods = list(seq._modules.values())
+    return any(type(a) in _DONEE_TYPES and type(b) in _DONEE_TYPES for a, b in zip(mods, mods[1:]))
 
 
 def _block_unfusable(block: nn.Module, norms=None, relu_follows: bool = False) -> str:

@@ -64,6 +64,28 @@ def _record_fallback(convs, why: str) -> None:
         rec.result(why, None)
 
 
+def call_donating(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, telling the ``residual_block`` call that receives this very ``x`` that
+    it is a temporary nobody else holds (the caller's promise): an evaluation forward may
+    then accumulate the block's identity shortcut into x's memory instead of a copy of it
+    (backends with ``accepts_owned_residual``). Used by :class:`fusedres.blocks.FusedStage`
+    for the output of the block before."""
+    _STATE.donated = x
+    try:
+        return module(x)
+    finally:
+        _STATE.donated = None
+
+
+def _take_donation(x: Tensor) -> bool:
+    """Whether x was donated by :func:`call_donating` (consumed: one call gets it)."""
+    donated = getattr(_STATE, "donated", None)
+    if donated is None:
+        return False
+    _STATE.donated = None
+    return donated is x
+
+
 @contextlib.contextmanager
 def unfused():
     """Within this context every fusedres block runs through its own torch.nn modules
@@ -454,6 +476,7 @@ def residual_block(
     ``nn.SyncBatchNorm``: each rank's (count, mean, M2) partials are all-gathered and
     merged in rank order, and the BatchNorm backward sums are all-reduced.
     """
+    x_owned = _take_donation(x)
     if len(convs) != len(bns) or not convs:
         raise ValueError(f"{name}: need as many BatchNorms as convs (got {len(convs)} and {len(bns)})")
     if shortcut not in ("identity", "none"):
@@ -551,7 +574,7 @@ def residual_block(
         rec.result(None, be)
     if train:
         return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group)
-    return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype)
+    return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, x_owned)
 
 
 def _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype, train, cands):
@@ -633,7 +656,9 @@ def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, b
     return fn.apply(spec, x, residual, sample_scale, *params)
 
 
-def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, dt):
+def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, dt, x_owned=False):
+    """``x_owned``: x is a temporary of the caller (:func:`call_donating`), read last by the
+    final convolution as the identity shortcut, so the backend may accumulate into it."""
     none3 = (None, None, False)
     cba = ops.conv_bias_act_eager(x, be)
     if kind == "identity":
@@ -655,7 +680,8 @@ def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be
         if sample_scale is None:
             # a projection's output is this function's own temporary: the backend may
             # accumulate into it instead of a copy
-            return cba(h, w, b, res, *none3, *geom.args(), relu, be, residual_owned=kind == "project")
+            owned = kind == "project" or (kind == "identity" and x_owned)
+            return cba(h, w, b, res, *none3, *geom.args(), relu, be, residual_owned=owned)
         y = cba(h, w, b, None, *none3, *geom.args(), False, be)
         return _scale_add(y, res, sample_scale, relu, be)
     # pre-activation: bns[0] stays a prologue (a ReLU sits between it and conv 0);
@@ -672,7 +698,7 @@ def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be
     geom = _geom(convs[-1])
     w = _wcast(convs[-1], dt)
     if sample_scale is None:
-        return cba(h, w, None, res, *pro, *geom.args(), relu, be)
+        return cba(h, w, None, res, *pro, *geom.args(), relu, be, residual_owned=kind == "identity" and x_owned)
     y = cba(h, w, None, None, *pro, *geom.args(), False, be)
     return _scale_add(y, res, sample_scale, relu, be)
 

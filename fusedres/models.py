@@ -21,7 +21,9 @@ from torch import Tensor
 
 from . import backends
 from ._fx import is_proxy
-from .blocks import BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock, _not_scriptable, conv1x1, conv3x3
+from .blocks import (
+    BasicBlock, Bottleneck, FusedStage, PadShortcut, PreActBasicBlock, _not_scriptable, conv1x1, conv3x3,
+)
 from .functional import residual_block
 
 __all__ = [
@@ -143,7 +145,7 @@ class ResNet(nn.Module):
                     norm_layer=norm_layer, backend=self.backend, drop_path=next(self._drops),
                 )
             )
-        return nn.Sequential(*layers)
+        return FusedStage(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):
@@ -291,7 +293,7 @@ class CifarResNet(nn.Module):
                           drop_path=next(drops), residual=not plain)
                 )
                 inplanes = planes
-            stages.append(nn.Sequential(*blocks))
+            stages.append(FusedStage(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         if preact:
             self.final_bn = norm_layer(64)

@@ -23,9 +23,27 @@ def test_convert_torchvision_model(tvr, name, train):
     model = randomise(getattr(tvr, name)(num_classes=10)).double().train(train)
     fused, report = fusedres.convert(model, return_report=True)
     n_blocks = sum(type(m).__name__ in ("BasicBlock", "Bottleneck") for m in model.modules())
-    assert len(report.replaced) == n_blocks
+    stages = [r for r in report.replaced if r[2] == "fusedres.FusedStage"]
+    assert len(report.replaced) - len(stages) == n_blocks
+    assert [p for p, _, _ in stages] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(type(getattr(fused, p)) is fusedres.FusedStage for p, _, _ in stages)
     assert list(fused.state_dict()) == list(model.state_dict())
     assert_same_step(fused, model, torch.randn(4, 3, 32, 32, dtype=torch.float64), train)
+
+
+@pytest.mark.skipif(not fusedres.available_backends()["cpu"].available, reason="the C++ extension is not built")
+def test_converted_stages_hand_outputs_on_in_a_no_grad_forward(tvr):
+    """torchvision's ResNet-50 converted for the cpu backend: a no_grad channels_last forward
+    (where each stage hands block outputs on) gives torchvision's result, and the input is
+    left as it was."""
+    model = randomise(tvr.resnet50(num_classes=10)).eval().to(memory_format=torch.channels_last)
+    fused = fusedres.convert(model, backend="cpu")
+    x = torch.randn(2, 3, 48, 40).contiguous(memory_format=torch.channels_last)
+    x0 = x.clone()
+    with torch.no_grad():
+        got, want = fused(x), model(x)
+    assert torch.equal(x, x0)
+    assert_close(got, want, atol=1e-4, rtol=1e-4, name="converted resnet50, no_grad")
 
 
 def test_convert_inplace_shares_tensors(tvr):

@@ -141,3 +141,88 @@ def test_inference_calls_skip_the_dispatcher_only_when_nothing_observes_them():
     assert graded.requires_grad
     assert_close(direct, graded.detach(), atol=1e-5, rtol=1e-5, name="no_grad vs grad-enabled output")
     assert_close(direct, ref(x).detach(), atol=1e-5, rtol=1e-5, name="output")
+
+
+# ----------------------------------------------------------------- stages hand outputs on
+
+
+def _owned_log(monkeypatch):
+    """Every cpu conv_bias_act call's residual_owned and residual data pointer."""
+    log = []
+    real = CpuBackend.conv_bias_act.__func__
+
+    def spy(cls, *args, residual_owned=False):
+        log.append((residual_owned, None if args[3] is None else args[3].data_ptr()))
+        return real(cls, *args, residual_owned=residual_owned)
+
+    monkeypatch.setattr(CpuBackend, "conv_bias_act", classmethod(spy))
+    return log
+
+
+def _small_resnet(builder="resnet50"):
+    torch.manual_seed(0)
+    m = randomise(getattr(fusedres, builder)(num_classes=7, backend="cpu")).eval()
+    return m.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["", "frozen"])
+def test_stage_hands_each_output_to_the_next_identity_block_bitwise(monkeypatch, builder, dtype, frozen):
+    """In a no_grad forward each identity block after the first of a stage accumulates into
+    its input (the block before's output) instead of a copy; the result is nn.Sequential's
+    bit for bit and the model's input is never written."""
+    if dtype == "bfloat16" and torch.bfloat16 not in CpuBackend._onednn_dtypes():
+        pytest.skip("oneDNN has no bfloat16 convolution on this CPU")
+    model = _small_resnet(builder)
+    if frozen:
+        fusedres.freeze(model)
+    x = torch.randn(2, 3, 40, 36).contiguous(memory_format=torch.channels_last)
+    x0 = x.clone()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.no_grad(), amp:
+        monkeypatch.setattr(fusedres.FusedStage, "forward", nn.Sequential.forward)
+        want = model(x)
+        monkeypatch.undo()
+        log = _owned_log(monkeypatch)
+        got = model(x)
+    assert torch.equal(got, want)
+    assert torch.equal(x, x0)
+    identity_after_first = sum(
+        1 for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for blk in list(stage)[1:]
+    )
+    assert sum(1 for owned, _ in log if owned) == identity_after_first + 4 * (builder == "resnet50") + 3 * (
+        builder == "resnet18"
+    )  # + each stage's projection output (owned by its own block)
+
+
+def _handed_on(monkeypatch, model, x, grad=False):
+    """How many more convolutions accumulate into an owned residual with the stages handing
+    outputs on than as nn.Sequential (the projections' own outputs are owned in both)."""
+    counts = []
+    for forward in (nn.Sequential.forward, fusedres.FusedStage.forward):
+        with monkeypatch.context() as mp:
+            mp.setattr(fusedres.FusedStage, "forward", forward)
+            log = _owned_log(mp)
+            with torch.set_grad_enabled(grad):
+                model(x)
+        counts.append(sum(1 for owned, _ in log if owned))
+    return counts[1] - counts[0]
+
+
+def test_stage_hands_nothing_on_when_a_hook_could_hold_an_output(monkeypatch):
+    model = _small_resnet()
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert _handed_on(monkeypatch, model, x) == 12  # every identity block after a stage's first
+    kept = []
+    handle = model.layer1[0].register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    assert _handed_on(monkeypatch, model, x) == 11  # layer1[1] gets a copy of the hooked output
+    for out, copy_then in kept:
+        assert torch.equal(out, copy_then), "a hooked block's output was overwritten by the block after it"
+    handle.remove()
+    g = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert _handed_on(monkeypatch, model, x) == 0
+    finally:
+        g.remove()
+    assert _handed_on(monkeypatch, model, x, grad=True) == 0
