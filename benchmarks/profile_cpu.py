@@ -40,7 +40,7 @@ def category(op_name: str) -> str:
     return "other"
 
 
-PROVIDERS = ("eager", "compile-freeze", "fusedres-cpu")
+PROVIDERS = ("eager", "compile-freeze", "fusedres-cpu", "fusedres-frozen")
 
 
 def check_names(names) -> None:
@@ -67,6 +67,8 @@ def providers(model_name: str, names=PROVIDERS):
                                                        "compile-freeze")
     if "fusedres-cpu" in names:
         out["fusedres-cpu"] = fusedres.set_backend(copy.deepcopy(fused), "cpu").to(memory_format=cl).eval()
+    if "fusedres-frozen" in names:  # as the runner's provider: backend="auto" after fusedres.freeze
+        out["fusedres-frozen"] = bench._make_model("fusedres-frozen", fused, baseline, "cpu").to(memory_format=cl).eval()
     return out
 
 

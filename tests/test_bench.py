@@ -120,9 +120,10 @@ def test_cpu_profile_breaks_a_forward_into_categories():
     assert prof.category("mkldnn::_convolution_pointwise_") == "convolution"
     assert prof.category("aten::native_batch_norm") == "batch_norm"
     assert prof.category("aten::clamp_min_") == "relu"
+    assert prof.category("fusedres_ext::relu_") == "relu"
     assert prof.category("aten::copy_") == "copy"
     assert prof.category("aten::view") == "other"
-    names = ["eager"] + (["fusedres-cpu"] if "fusedres-cpu" in _fused_providers() else [])
+    names = ["eager"] + (["fusedres-cpu", "fusedres-frozen"] if "fusedres-cpu" in _fused_providers() else [])
     res = prof.profile("resnet18", 1, 32, 1, tuple(names))
     assert res["providers"] == names and set(res["ms"]) == set(names)
     assert prof.profile("resnet18", 1, 32, 1, ("eager",), "bfloat16")["dtype"] == "bfloat16"
