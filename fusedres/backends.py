@@ -12,9 +12,10 @@ tensors, cpu -> reference for CPU tensors.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -39,6 +40,35 @@ BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+# calls a backend handed to another implementation (the reference's PyTorch ops), by
+# (backend, primitive, reason): a backend never does so silently
+_FALLBACKS: "collections.Counter[Tuple[str, str, str]]" = collections.Counter()
+_FALLBACK_LISTENERS: List[Callable[[str, str, str], None]] = []
+
+
+def record_fallback(backend: str, primitive: str, reason: str) -> None:
+    """Count one call of ``backend``'s ``primitive`` that ran the reference instead of the
+    backend's own kernel, and tell the listeners (``fusedres.explain`` attributes it to the
+    unit that made the call)."""
+    _FALLBACKS[(backend, primitive, reason)] += 1
+    for listener in _FALLBACK_LISTENERS:
+        listener(backend, primitive, reason)
+
+
+def fallbacks() -> Dict[Tuple[str, str, str], int]:
+    """How many calls each backend's primitives handed to the reference since the process
+    started (or :func:`reset_fallbacks`), by ``(backend, primitive, reason)``.
+
+    >>> fusedres.backends.fallbacks()
+    {('cpu', 'conv_bias_act', 'an input prologue (oneDNN convolutions have none)'): 32}
+    """
+    return dict(_FALLBACKS)
+
+
+def reset_fallbacks() -> None:
+    _FALLBACKS.clear()
+
+
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend is asked for that cannot run here (or not on this device)."""
 
@@ -47,6 +77,14 @@ class BackendStatus(NamedTuple):
     available: bool
     reason: str  # why it is unavailable, or a short description when available
     native: Tuple[str, ...]  # primitives implemented by the backend itself
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+_BACKWARD_DTYPES = ("dtypes outside the kernels (a storage dtype they lack, or a gradient/output or a per-channel "
+                    "vector not in the storage / statistics dtype)")
 
 
 class ReferenceBackend:
@@ -117,18 +155,21 @@ class _ExtensionBackend(ReferenceBackend):
     @classmethod
     def bn_add_act(cls, y, scale, shift, residual, res_scale, res_shift, sample_scale, relu):
         if y.dtype not in cls._DTYPES:
+            record_fallback(cls.name, "bn_add_act", f"{y.dtype} storage (kernels: {_names(cls._DTYPES)})")
             return reference.bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
         return cls._ops().bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
 
     @classmethod
     def bn_finalize(cls, partials, gamma, beta, running_mean, running_var, momentum, eps):
         if partials.dtype != torch.float32:
+            record_fallback(cls.name, "bn_finalize", f"{partials.dtype} partials (kernels: float32)")
             return reference.bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
         return cls._ops().bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
 
     @classmethod
     def batch_stats(cls, x):
         if x.dtype not in cls._DTYPES:
+            record_fallback(cls.name, "batch_stats", f"{x.dtype} storage (kernels: {_names(cls._DTYPES)})")
             return reference.batch_stats(x)
         # as many tiles as this backend's conv_stats produces (ops' fake asks stats_tiles)
         return cls._ops().batch_stats(x, cls.stats_tiles(x.shape))
@@ -149,6 +190,7 @@ class _ExtensionBackend(ReferenceBackend):
     @classmethod
     def bn_backward_reduce(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale):
         if not cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale)):
+            record_fallback(cls.name, "bn_backward_reduce", _BACKWARD_DTYPES)
             return reference.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
         return cls._ops().bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
 
@@ -156,12 +198,15 @@ class _ExtensionBackend(ReferenceBackend):
     def bn_backward_apply(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
         args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx)
         if not cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale, sum_g, sum_gx)):
+            record_fallback(cls.name, "bn_backward_apply", _BACKWARD_DTYPES)
             return reference.bn_backward_apply(*args)
         return cls._ops().bn_backward_apply(*args)
 
     @classmethod
     def act_grad(cls, dout, out):
         if dout.dtype not in cls._DTYPES or out.dtype != dout.dtype:
+            record_fallback(cls.name, "act_grad", f"dout {dout.dtype}, out {out.dtype} (kernels: one of "
+                            f"{_names(cls._DTYPES)} for both)")
             return reference.act_grad(dout, out)
         return cls._ops().act_grad(dout, out)
 
@@ -170,6 +215,7 @@ class _ExtensionBackend(ReferenceBackend):
         """The BatchNorm+ReLU backward's apply from its coefficients: one native pass that
         writes dy (``reference.bn_apply_relu`` where the kernels do not cover the dtypes)."""
         if not cls._native_backward(dh, y, None, (scale, shift, coefs)):
+            record_fallback(cls.name, "bn_apply_relu", _BACKWARD_DTYPES)
             return reference.bn_apply_relu(dh, y, scale, shift, coefs)
         return cls._ops().bn_apply_relu(dh, y, scale, shift, coefs)
 
@@ -236,7 +282,9 @@ class CpuBackend(_ExtensionBackend):
         # oneDNN fuses the bias and a residual add after the conv; it has no input prologue
         # and no fp64. Its ReLU post-op turns NaN into 0, so ReLU runs as torch.relu_ after
         # it, which keeps NaN as the reference does.
-        if in_scale is not None or in_relu or x.dtype not in cls._onednn_dtypes() or weight.dtype != x.dtype:
+        why = cls._onednn_reason(x, weight, in_scale, in_relu)
+        if why:
+            record_fallback(cls.name, "conv_bias_act", why)
             return reference.conv_bias_act(
                 x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
             )
@@ -264,6 +312,17 @@ class CpuBackend(_ExtensionBackend):
             else:
                 y.relu_()
         return y.contiguous(memory_format=fmt)
+
+    @classmethod
+    def _onednn_reason(cls, x, weight, in_scale, in_relu) -> str:
+        """Why the fused oneDNN convolution cannot run this call ("" if it can)."""
+        if in_scale is not None or in_relu:
+            return "an input prologue (oneDNN convolutions have none)"
+        if x.dtype not in cls._onednn_dtypes():
+            return f"{x.dtype} input (oneDNN convolutions here: {_names(cls._onednn_dtypes())})"
+        if weight.dtype != x.dtype:
+            return f"weight {weight.dtype} for a {x.dtype} input"
+        return ""
 
     @classmethod
     def conv_stats(cls, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
@@ -314,6 +373,15 @@ class CudaBackend(_ExtensionBackend):
         return _conv_cutlass
 
     @classmethod
+    def _cutlass_reason(cls, predicate: str, *args) -> str:
+        """Why the CUTLASS kernel cannot run this call ("" if it can): ``predicate`` is the
+        name of one of ``fusedres._conv_cutlass``'s reason functions."""
+        cut = cls._cutlass()
+        if cut is None:
+            return "the extension was built without CUTLASS"
+        return getattr(cut, predicate)(*args) or ""
+
+    @classmethod
     def _prologue_first(cls, x, in_scale, in_shift, in_relu):
         """(x, in_scale, in_shift, in_relu) for the convolution kernels. By default a
         BatchNorm prologue runs as one native pass (bn_add_act: float32 scale and shift, one
@@ -335,37 +403,46 @@ class CudaBackend(_ExtensionBackend):
     @classmethod
     def conv_bias_act(cls, x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu):
         x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
-        cut = cls._cutlass()
-        if cut is None or cut.fprop_reason(x, weight, bias, residual, in_scale, in_relu, stride, padding, dilation, groups):
+        why = cls._cutlass_reason("fprop_reason", x, weight, bias, residual, in_scale, in_relu, stride, padding,
+                                  dilation, groups)
+        if why:
+            record_fallback(cls.name, "conv_bias_act", why)
             return reference.conv_bias_act(
                 x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
             )
-        return cut.conv_bias_act(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu)
+        return cls._cutlass().conv_bias_act(
+            x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu
+        )
 
     @classmethod
     def conv_stats(cls, x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
         x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
-        cut = cls._cutlass()
-        if cut is None or cut.fprop_reason(x, weight, None, None, in_scale, in_relu, stride, padding, dilation, groups):
+        why = cls._cutlass_reason("fprop_reason", x, weight, None, None, in_scale, in_relu, stride, padding,
+                                  dilation, groups)
+        if why:
+            record_fallback(cls.name, "conv_stats", why)
             return reference.conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
-        return cut.conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation)
+        return cls._cutlass().conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation)
 
     @classmethod
     def conv_dgrad(cls, dy, weight, input_shape, stride, padding, dilation, groups, dx_add=None):
-        cut = cls._cutlass()
-        if cut is None or cut.dgrad_reason(dy, weight, input_shape, stride, padding, dilation, groups, dx_add):
+        why = cls._cutlass_reason("dgrad_reason", dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
+        if why:
+            record_fallback(cls.name, "conv_dgrad", why)
             return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
-        return cut.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, dx_add)
+        return cls._cutlass().conv_dgrad(dy, weight, input_shape, stride, padding, dilation, dx_add)
 
     @classmethod
     def conv_wgrad(cls, dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups):
         x, in_scale, in_shift, in_relu = cls._prologue_first(x, in_scale, in_shift, in_relu)
-        cut = cls._cutlass()
-        if cut is None or cut.wgrad_reason(dy, x, in_scale, in_relu, weight_shape, stride, padding, dilation, groups):
+        why = cls._cutlass_reason("wgrad_reason", dy, x, in_scale, in_relu, weight_shape, stride, padding, dilation,
+                                  groups)
+        if why:
+            record_fallback(cls.name, "conv_wgrad", why)
             return reference.conv_wgrad(
                 dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups
             )
-        return cut.conv_wgrad(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)
+        return cls._cutlass().conv_wgrad(dy, x, in_scale, in_shift, weight_shape, stride, padding, dilation)
 
     @classmethod
     def availability(cls) -> Tuple[bool, str]:

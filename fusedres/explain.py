@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import functional
+from . import backends, functional
 from .blocks import FUSED_MODULES, FusedSequential, _TimmBlock, sequential_runs
 
 __all__ = ["explain", "Explanation", "FusedUnit"]
@@ -39,6 +39,8 @@ class FusedUnit:
     backends: List[str] = field(default_factory=list)  # backends that ran them
     reasons: List[str] = field(default_factory=list)  # why the other calls ran through torch.nn
     ops: int = 0  # fusedres:: operators dispatched while the unit ran
+    # calls of a backend primitive that ran the reference instead ("backend primitive: reason")
+    fallbacks: Dict[str, int] = field(default_factory=dict)
 
     @property
     def ran_fused(self) -> bool:
@@ -50,7 +52,10 @@ class FusedUnit:
         if self.calls == 0:
             return "not called"
         if self.ran_fused:
-            return f"fused ({', '.join(self.backends)}), {self.ops} fusedres ops"
+            s = f"fused ({', '.join(self.backends)}), {self.ops} fusedres ops"
+            if self.fallbacks:
+                s += "; through the reference: " + "; ".join(f"{k} (x{n})" for k, n in self.fallbacks.items())
+            return s
         if self.fused_calls == 0:
             return "torch.nn: " + "; ".join(self.reasons)
         return f"{self.fused_calls} of {self.calls} calls fused; torch.nn: " + "; ".join(self.reasons)
@@ -146,6 +151,14 @@ class _Recorder(TorchDispatchMode):
         elif why not in u.reasons:
             u.reasons.append(why)
 
+    # fusedres.backends' record of calls a backend handed to the reference
+    def fallback(self, backend: str, primitive: str, reason: str) -> None:
+        key = self.frames[-1][1]
+        if key is not None:
+            fb = self.unit(key).fallbacks
+            name = f"{backend} {primitive}: {reason}"
+            fb[name] = fb.get(name, 0) + 1
+
     # global module hooks
     def pre(self, module, args) -> None:
         if isinstance(module, FUSED_MODULES):
@@ -170,7 +183,8 @@ def explain(model: nn.Module, *args, **kwargs) -> Explanation:
     """Run ``model(*args, **kwargs)`` once, in the model's current mode (train or eval),
     and return what ran fused: ``print(fusedres.explain(model, x))`` lists every fused
     unit with the backend that ran it and the number of ``fusedres::`` operators it
-    dispatched, or the reason it ran through its ``torch.nn`` modules, then the BatchNorm
+    dispatched (and the primitives a backend handed to the reference, with the reason), or
+    the reason it ran through its ``torch.nn`` modules, then the BatchNorm
     layers that ran through ``torch.nn``. The model's buffers and the random number
     generators are restored afterwards; no autograd graph is recorded."""
     units = _units(model)
@@ -182,10 +196,12 @@ def explain(model: nn.Module, *args, **kwargs) -> Explanation:
         nn.modules.module.register_module_forward_pre_hook(rec.pre),
         nn.modules.module.register_module_forward_hook(rec.post),
     ]
+    backends._FALLBACK_LISTENERS.append(rec.fallback)
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), functional._recording(rec), rec:
             model(*args, **kwargs)
     finally:
+        backends._FALLBACK_LISTENERS.remove(rec.fallback)
         for h in hooks:
             h.remove()
         with torch.no_grad():

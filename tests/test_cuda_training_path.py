@@ -213,9 +213,14 @@ def test_outside_the_supported_cases_convolutions_fall_back_with_a_reason(cuda_t
     geo = ([1, 1], [1, 1], [1, 1], 1)
     assert why in _conv_cutlass.fprop_reason(x, w, None, None, None, False, *geo)
     x = x.clone().requires_grad_()
+    fusedres.backends.reset_fallbacks()
     with rec:
         _step(block, x, torch.randn(BATCH, c, 6, 6).to(dtype, memory_format=fmt))
     assert sum(fake.calls.values()) == 0  # every convolution through ATen
+    # and each is on the record, with the predicate's reason
+    recorded = fusedres.backends.fallbacks()
+    convs = {p for (b, p, r) in recorded if b == "cuda" and p.startswith("conv_") and why in r}
+    assert convs >= {"conv_stats", "conv_dgrad", "conv_wgrad"}, recorded
     assert rec.aten["convolution"] + rec.aten["convolution_backward"] > 0
 
 
