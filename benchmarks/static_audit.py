@@ -191,9 +191,10 @@ def resnet50_calls(dtype: str, batch: int = 256, subset: bool = False) -> List[L
                     dyd = bn.bn_backward_apply(dout, yd, sd[0], sd[1], sd[2], sd[3], out, True, None, sg, sgx)
                     where[0] = f"{name}.downsample train"
                     conv.conv_wgrad(dyd, x, None, None, False, list(wd.shape), *geom(st_, 0))
-                    conv.conv_dgrad(dyd, wd, list(x.shape), *geom(st_, 0), cl)
+                    dx_short = conv.conv_dgrad(dyd, wd, list(x.shape), *geom(st_, 0), cl)
                 else:
                     bn.act_grad(dout, out)
+                    dx_short = dout
                 where[0] = f"{name}.conv3 train"
                 conv.conv_wgrad(dy3, y2, s2[2], s2[3], True, list(w3.shape), *geom(1, 0))
                 d2 = conv.conv_dgrad(dy3, w3, list(y2.shape), *geom(1, 0), cl)
@@ -207,7 +208,7 @@ def resnet50_calls(dtype: str, batch: int = 256, subset: bool = False) -> List[L
                 bn.bn_backward_reduce(d1, y1, s1[0], s1[1], s1[2], s1[3], None, True, None)
                 where[0] = f"{name}.conv1 train"
                 pend = (y1, s1[2], s1[3], coefs(width))
-                conv.conv_dgrad(d1, w1, list(x.shape), *geom(1, 0), cl, bn=pend)
+                conv.conv_dgrad(d1, w1, list(x.shape), *geom(1, 0), cl, bn=pend, add=dx_short)  # + shortcut
                 conv.conv_wgrad(d1, x, None, None, False, list(w1.shape), *geom(1, 0), bn=pend)
                 # evaluation forward (BatchNorm folded: bias, ReLU, residual in the epilogue)
                 where[0] = f"{name} eval"

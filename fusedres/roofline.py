@@ -438,8 +438,9 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
         wgrad(ch.ds, "conv_wgrad", 0, False)
         if ch.needs_dx:
             dgrad(ch.ds, "conv_dgrad", 0)
-    # cuda: the shortcut's gradient is read by the first conv's dgrad as its epilogue source
-    shortcut_in_dgrad = backend == "cuda" and ch.needs_dx and ch.shortcut in ("identity", "project")
+    # the shortcut's gradient is read by the first conv's dgrad in its epilogue (cuda: as the
+    # epilogue source; triton: an addend loaded before the store)
+    shortcut_in_dgrad = backend in ("cuda", "triton") and ch.needs_dx and ch.shortcut in ("identity", "project")
     for i in reversed(range(n)):
         cv = ch.convs[i]
         need_d = i > 0 or ch.needs_dx

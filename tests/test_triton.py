@@ -136,6 +136,17 @@ def test_conv_dgrad_wgrad(case, dtype):
     dxr = R.conv_dgrad(dy, wt, list(x.shape), *geom)
     _close(dx, dxr, dtype, "dx")
     _same_layout(dx, dxr, "dx")
+    # a shortcut gradient added in the epilogue (in the other layout: the kernel reads strides)
+    other = "channels_last" if layout == "contiguous" else "contiguous"
+    add = _layout(torch.randn(x.shape, dtype=torch.float64).to(dtype).to(DEVICE), other)
+    got, want = T.conv_dgrad(dy, wt, list(x.shape), *geom, add), R.conv_dgrad(dy, wt, list(x.shape), *geom, add)
+    _close(got, want, dtype, "dx + dx_add")
+    _same_layout(got, dxr, "dx + dx_add")
+    if dtype != torch.float64:  # an addend in another dtype: PyTorch's promotion, as the reference
+        add32 = add.float()
+        got = T.conv_dgrad(dy, wt, list(x.shape), *geom, add32)
+        assert got.dtype == torch.float32
+        _close(got, R.conv_dgrad(dy, wt, list(x.shape), *geom, add32), dtype, "dx + float32 dx_add")
     for pro in [(None, None, False), (s, t, True), (None, None, True)]:
         dw = T.conv_wgrad(dy, x, *pro, list(wt.shape), *geom)
         dwr = R.conv_wgrad(dy, x, *pro, list(wt.shape), *geom)
@@ -165,8 +176,9 @@ def test_bn_apply_fused_into_dgrad_and_wgrad(case, dtype):
     coefs = rnd(3, k).to(sd).to(DEVICE)
     for pro, need in [((s, t, True), (True, True)), ((None, None, False), (True, False)), ((s, t, True), (False, True))]:
         args = (dh, y, bs, bt, coefs, wt, x, *pro, *geom, *need)
-        dx, dw = T.bn_apply_conv_backward(*args)
-        dxr, dwr = R.bn_apply_conv_backward(*args)
+        add = rnd(*x.shape).to(dtype).to(DEVICE) if need[0] and pro[0] is None else None  # one case with dx_add
+        dx, dw = T.bn_apply_conv_backward(*args, add)
+        dxr, dwr = R.bn_apply_conv_backward(*args, add)
         if need[0]:
             _close(dx, dxr, dtype, "dx")
             _same_layout(dx, dxr, "dx")

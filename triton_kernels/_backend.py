@@ -21,6 +21,13 @@ def _same_dtype(w: Tensor, like: Tensor) -> Tensor:
     return w if w.dtype == like.dtype else w.to(like.dtype)
 
 
+def _fused_addend(dx_add: Optional[Tensor], like: Tensor, shape: List[int]) -> bool:
+    """Whether the dgrad kernel adds ``dx_add`` in its epilogue: of dx's shape, dtype and
+    device (otherwise the sum is a separate op, with PyTorch's type promotion)."""
+    return (dx_add is not None and list(dx_add.shape) == list(shape) and dx_add.dtype == like.dtype
+            and dx_add.device == like.device)
+
+
 class TritonBackend(ReferenceBackend):
     """Every primitive as a Triton kernel."""
 
@@ -100,9 +107,10 @@ class TritonBackend(ReferenceBackend):
 
     @staticmethod
     def conv_dgrad(dy, weight, input_shape: List[int], stride, padding, dilation, groups, dx_add=None) -> Tensor:
+        fuse = _fused_addend(dx_add, dy, input_shape)
         dx = conv.conv_dgrad(dy, _same_dtype(weight, dy), list(input_shape), list(stride), list(padding),
-                             list(dilation), groups, reference.memory_format(dy))
-        return dx if dx_add is None else dx + dx_add  # a separate pass here (the cuda backend fuses it)
+                             list(dilation), groups, reference.memory_format(dy), add=dx_add if fuse else None)
+        return dx if dx_add is None or fuse else dx + dx_add
 
     @staticmethod
     def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups) -> Tensor:
@@ -117,9 +125,10 @@ class TritonBackend(ReferenceBackend):
         geom = (list(stride), list(padding), list(dilation), groups)
         dx = dw = dh.new_empty(0)
         if need_dx:
+            fuse = _fused_addend(dx_add, dh, list(x.shape))
             dx = conv.conv_dgrad(dh, _same_dtype(weight, dh), list(x.shape), *geom, reference.memory_format(y),
-                                 bn=bn_args)
-            if dx_add is not None:
+                                 bn=bn_args, add=dx_add if fuse else None)
+            if dx_add is not None and not fuse:
                 dx = dx + dx_add
         if need_dw:
             dw = conv.conv_wgrad(dh, _same_dtype(x, dh), _vec(in_scale), _vec(in_shift), in_relu, list(weight.shape),

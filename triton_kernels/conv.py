@@ -225,18 +225,19 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr, by_ptr, bscale_ptr, bshift_ptr, coef_ptr,
+    dy_ptr, w_ptr, dx_ptr, by_ptr, bscale_ptr, bshift_ptr, coef_ptr, add_ptr,
     N, C, H, W, K, P, Q, R, S,
     sdn, sdk, sdp, sdq,
     sbn, sbk, sbp, sbq,
     swk, swc, swr, sws,
     sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
     stride_h, stride_w,
     CG, KG,
     ph, pw, HP, WP,
     r0, s0, r_step, s_step, NR, NS, oh0, ow0, doh, dow,
-    DY_PRO: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DY_PRO: tl.constexpr, HAS_ADD: tl.constexpr, ACC64: tl.constexpr, TF32: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # rows: input pixels (n, ph + i*stride_h, pw + j*stride_w) of one stride phase; the taps
     # of the phase are r = r0 + tr*r_step (tr < NR), reaching output row p = i + oh0 - tr*doh
@@ -290,9 +291,14 @@ def _conv_dgrad_kernel(
 
     h = ph + i * stride_h
     w = pw + j * stride_w
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_ADD:
+        # the addend (a block's shortcut gradient) joins the accumulator: one rounding
+        add_off = n * san + h.to(tl.int64) * sah + w.to(tl.int64) * saw
+        acc += tl.load(add_ptr + add_off[:, None] + cc[None, :] * sac, mask=out_mask, other=0.0).to(acc_t)
     out_off = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
     tl.store(dx_ptr + out_off[:, None] + cc[None, :] * sxc, to_storage(acc, dx_ptr.dtype.element_ty, UPCAST),
-             mask=mask_m[:, None] & mask_n[None, :])
+             mask=out_mask)
 
 
 @triton.jit
@@ -544,10 +550,12 @@ def phase_taps(phase: int, pad: int, dil: int, stride: int, size: int):
     return r0, step, count, (phase + pad - r0 * dil) // stride, step * dil // stride
 
 
-def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_format, bn=None):
+def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_format, bn=None, add=None):
     """dx of the conv; with ``bn = (y, scale, shift, coefs)`` the output gradient is the
-    BatchNorm(+ReLU) backward apply of ``dy`` (computed on load, see bn_apply_conv_backward).
-    One launch per stride phase; a phase that no tap reaches is written as zeros."""
+    BatchNorm(+ReLU) backward apply of ``dy`` (computed on load, see bn_apply_conv_backward);
+    with ``add`` (a tensor of the input's shape and dy's dtype, any strides) dx + add, added
+    to the accumulator before its one rounding. One launch per stride phase; a phase that no
+    tap reaches is written as zeros (or as ``add``)."""
     n, c, h, w = input_shape
     k, cg, r, s = weight.shape
     kg = k // groups
@@ -556,18 +564,19 @@ def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, out_f
     if dx.numel() == 0:
         return dx
     if dy.numel() == 0:
-        return dx.zero_()
+        return dx.zero_() if add is None else dx.copy_(add)
     weight = _pack_weight(weight, _channels_inner(cg, kg))
     by, bsc, bsh, coef = bn if bn is not None else (dy, dy, dy, dy)
+    addend = add if add is not None else dx
     common = (
-        dy, weight, dx, by, bsc, bsh, coef,
+        dy, weight, dx, by, bsc, bsh, coef, addend,
         n, c, h, w, k, p, q, r, s,
-        *dy.stride(), *by.stride(), *_wstrides(weight), *dx.stride(),
+        *dy.stride(), *by.stride(), *_wstrides(weight), *dx.stride(), *addend.stride(),
         stride[0], stride[1],
         cg, kg,
     )
-    flags = dict(DY_PRO=bn is not None, ACC64=dy.dtype == torch.float64, TF32=_tf32(dy.dtype),
-                 UPCAST=_upcast(dy.dtype))
+    flags = dict(DY_PRO=bn is not None, HAS_ADD=add is not None, ACC64=dy.dtype == torch.float64,
+                 TF32=_tf32(dy.dtype), UPCAST=_upcast(dy.dtype))
     problem = _problem(n, c, h, w, k, p, q, r, s, stride, padding, dilation, cg, kg, dy.element_size())
     for ph in range(min(stride[0], h)):
         r0, r_step, nr, oh0, doh = phase_taps(ph, padding[0], dilation[0], stride[0], r)
