@@ -399,17 +399,10 @@ def _no_global_hooks() -> bool:
 
 
 def _donation_allowed(x: Tensor) -> bool:
-    """An evaluation forward that nothing observes: grad off, not compiling or tracing, no
-    torch function/dispatch mode, a plain tensor, no global module hooks."""
-    return (
-        not torch.is_grad_enabled()
-        and type(x) is Tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and torch._C._len_torch_function_stack() == 0
-        and torch._C._len_torch_dispatch_stack() == 0
-        and _no_global_hooks()
-    )
+    """An evaluation forward that nothing observes (``ops.unobserved``), no global module hooks."""
+    from .ops import unobserved
+
+    return unobserved(x) and _no_global_hooks()
 
 
 class FusedStage(nn.Sequential):

@@ -332,6 +332,19 @@ conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup)
 
 
 
+def unobserved(x: Tensor) -> bool:
+    """An inference call on ``x`` that nothing observes: grad mode off, not compiling or
+    tracing, no torch function/dispatch mode active, a plain tensor."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or type(x) is not Tensor
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
 def conv_bias_act_eager(x: Tensor, backend: str):
     """``conv_bias_act`` for an inference forward on ``x``: the backend's function itself
     where going through the dispatcher changes nothing (grad mode off, not tracing, no
@@ -340,14 +353,7 @@ def conv_bias_act_eager(x: Tensor, backend: str):
     ``residual_owned=True`` to say the residual is a temporary of the caller that the
     backend may overwrite with the result (used only by backends that declare
     ``accepts_owned_residual``; ignored otherwise)."""
-    if (
-        torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or type(x) is not Tensor
-        or torch._C._len_torch_function_stack() > 0
-        or torch._C._len_torch_dispatch_stack() > 0
-    ):
+    if not unobserved(x):
         return lambda *args, residual_owned=False: conv_bias_act(*args)
     table = _table(backend)
     fn = table.conv_bias_act
