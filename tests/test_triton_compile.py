@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from fusedres.triton_kernels import bn, conv, _config
 
     ACT = {"x_ptr", "w_ptr", "out_ptr", "bias_ptr", "res_ptr", "dy_ptr", "dx_ptr", "by_ptr", "y_ptr",
-           "dout_ptr", "rmean_ptr", "rvar_ptr"}
+           "dout_ptr", "rmean_ptr", "rvar_ptr", "add_ptr"}
     FLOATS = {"mom_hi", "mom_lo", "eps_hi", "eps_lo"}
     TY = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
             yield conv._conv_fwd_kernel, dt, dict(f, HAS_BIAS=True, HAS_RES=True, HAS_PRO=False, IN_RELU=False,
                                                    RELU=True, STATS=False, IS_1X1=True, MERGE_S=False,
                                                    GATHER=False, **blocks)
-            yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=True, **blocks)
+            yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=True, HAS_ADD=True, **blocks)
             yield conv._conv_wgrad_kernel, dt, dict(f, HAS_PRO=True, IN_RELU=True, DY_PRO=True, TAP_COLS=True,
                                                     X_ROWS=True, GATHER=False, **wgb)
         for dt in ("bf16", "fp32"):
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(
             yield conv._conv_fwd_kernel, dt, dict(f, HAS_BIAS=False, HAS_RES=False, HAS_PRO=False, IN_RELU=True,
                                                    RELU=False, STATS=False, IS_1X1=False, MERGE_S=True,
                                                    GATHER=True, **small)
-            yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=False, **small)
+            yield conv._conv_dgrad_kernel, dt, dict(f, DY_PRO=False, HAS_ADD=False, **small)
             yield conv._conv_wgrad_kernel, dt, dict(f, HAS_PRO=False, IN_RELU=False, DY_PRO=True, TAP_COLS=False,
                                                     X_ROWS=False, GATHER=False, **small)
             yield conv._conv_wgrad_kernel, dt, dict(f, HAS_PRO=False, IN_RELU=False, DY_PRO=False, TAP_COLS=False,
