@@ -20,21 +20,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _frozen, reference
+from . import _frozen, primitives, reference
 
-PRIMITIVES = (
-    "conv_bias_act",
-    "conv_stats",
-    "batch_stats",
-    "bn_finalize",
-    "bn_add_act",
-    "bn_backward_reduce",
-    "bn_backward_apply",
-    "act_grad",
-    "conv_dgrad",
-    "conv_wgrad",
-    "bn_apply_conv_backward",
-)
+PRIMITIVES = primitives.NAMES
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}

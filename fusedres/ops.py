@@ -1,6 +1,7 @@
 """The primitives as ``torch.library`` custom ops in the ``fusedres`` namespace.
 
-Every op takes the concrete backend name as its last argument and forwards to
+The ops are defined from the contract in ``fusedres.primitives`` (schema, outputs, what is
+written in place). Every op takes the concrete backend name as its last argument and forwards to
 that backend's table, so one op (one schema, one fake implementation) serves all
 backends and ``torch.compile`` traces through any of them without graph breaks.
 Fake implementations run the reference math on fake tensors, which gives the
@@ -14,12 +15,10 @@ mode differentiates whole blocks in ``fusedres.autograd`` instead.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, primitives, reference
 
 _LIB = "fusedres"
 
@@ -28,264 +27,67 @@ def _table(backend: str):
     return backends.get(backend)
 
 
-# --------------------------------------------------------------------------- forward
+def _define(p: primitives.Primitive):
+    """The custom op ``fusedres::<p.name>`` with the contract's schema plus the backend name:
+    it calls that backend's implementation; its fake runs the reference on fake tensors
+    (exact shapes and strides) unless ``_FAKES`` has one."""
+    name = p.name
 
+    def implementation(*args):
+        return getattr(_table(args[-1]), name)(*args[:-1])
 
-@torch.library.custom_op(f"{_LIB}::conv_bias_act", mutates_args=())
-def conv_bias_act(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    relu: bool,
-    backend: str,
-) -> Tensor:
-    """act(conv(pro(x), weight) + bias + residual); x [N,C,H,W] -> [N,K,P,Q]."""
-    return _table(backend).conv_bias_act(
-        x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
-    )
+    def reference_fake(*args):
+        return getattr(reference, name)(*args[:-1])
 
-
-@conv_bias_act.register_fake
-def _(x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu, backend):
-    return reference.conv_bias_act(
-        x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
-    )
-
-
-@torch.library.custom_op(f"{_LIB}::conv_stats", mutates_args=())
-def conv_stats(
-    x: Tensor,
-    weight: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """y = conv(pro(x), weight) and its per-tile (count, mean, M2) partials [T, 3, K]."""
-    return _table(backend).conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
-
-
-@conv_stats.register_fake
-def _(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups, backend):
-    y, _p = reference.conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
-    return y, _fake_partials(y, backend)
+    implementation.__name__ = implementation.__qualname__ = name
+    implementation.__doc__ = p.doc
+    op = torch.library.custom_op(f"{_LIB}::{name}", implementation, mutates_args=p.mutates, schema=p.schema())
+    op.register_fake(_FAKES.get(name, reference_fake))
+    return op
 
 
 def _fake_partials(t: Tensor, backend: str) -> Tensor:
+    # the number of partial-statistics tiles is the one backend-specific size
     tiles = _table(backend).stats_tiles(t.shape)
     return t.new_empty((tiles, 3, t.shape[1]), dtype=reference.stat_dtype(t.dtype))
 
 
-@torch.library.custom_op(f"{_LIB}::batch_stats", mutates_args=())
-def batch_stats(x: Tensor, backend: str) -> Tensor:
-    """Per-tile (count, mean, M2) partials [T, 3, C] of x itself."""
-    return _table(backend).batch_stats(x)
+def _conv_stats_fake(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups, backend):
+    y, _ = reference.conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups)
+    return y, _fake_partials(y, backend)
 
 
-@batch_stats.register_fake
-def _(x, backend):
-    return _fake_partials(x, backend)
+def _bn_finalize_fake(partials, gamma, beta, running_mean, running_var, momentum, eps, backend):
+    # the reference would update the running statistics: a fake only says what it returns
+    return tuple(partials.new_empty((partials.shape[2],)) for _ in range(4))
 
 
-@torch.library.custom_op(f"{_LIB}::bn_finalize", mutates_args=("running_mean", "running_var"))
-def bn_finalize(
-    partials: Tensor,
-    gamma: Tensor,
-    beta: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    momentum: float,
-    eps: float,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Merge partials -> (mean, invstd, scale, shift) [C]; update running stats in place."""
-    return _table(backend).bn_finalize(partials, gamma, beta, running_mean, running_var, momentum, eps)
-
-
-@bn_finalize.register_fake
-def _(partials, gamma, beta, running_mean, running_var, momentum, eps, backend):
-    c = partials.shape[2]
-    return tuple(partials.new_empty((c,)) for _ in range(4))
-
-
-@torch.library.custom_op(f"{_LIB}::bn_add_act", mutates_args=())
-def bn_add_act(
-    y: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    residual: Optional[Tensor],
-    res_scale: Optional[Tensor],
-    res_shift: Optional[Tensor],
-    sample_scale: Optional[Tensor],
-    relu: bool,
-    backend: str,
-) -> Tensor:
-    """act((y*scale + shift) * sample_scale[n] + r), r = residual [*res_scale + res_shift]."""
-    return _table(backend).bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
-
-
-@bn_add_act.register_fake
-def _(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu, backend):
-    return reference.bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu)
-
-
-# --------------------------------------------------------------------------- backward
-
-
-@torch.library.custom_op(f"{_LIB}::bn_backward_reduce", mutates_args=())
-def bn_backward_reduce(
-    dout: Tensor,
-    y: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    out: Optional[Tensor],
-    relu: bool,
-    sample_scale: Optional[Tensor],
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """(sum g, sum g*xhat) per channel: dbeta and dgamma of a BatchNorm(+ReLU)."""
-    return _table(backend).bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
-
-
-@bn_backward_reduce.register_fake
-def _(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, backend):
+def _bn_backward_reduce_fake(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, backend):
     return mean.new_empty(mean.shape), mean.new_empty(mean.shape)
 
 
-@torch.library.custom_op(f"{_LIB}::bn_backward_apply", mutates_args=())
-def bn_backward_apply(
-    dout: Tensor,
-    y: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    out: Optional[Tensor],
-    relu: bool,
-    sample_scale: Optional[Tensor],
-    sum_g: Tensor,
-    sum_gx: Tensor,
-    backend: str,
-) -> Tensor:
-    """dy = A*g + B*y + C: gradient w.r.t. the BatchNorm input y."""
-    return _table(backend).bn_backward_apply(
-        dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx
-    )
+_FAKES = {
+    "conv_stats": _conv_stats_fake,
+    "batch_stats": lambda x, backend: _fake_partials(x, backend),
+    "bn_finalize": _bn_finalize_fake,
+    "bn_backward_reduce": _bn_backward_reduce_fake,
+}
 
+_OPS = {p.name: _define(p) for p in primitives.PRIMITIVES}
 
-@bn_backward_apply.register_fake
-def _(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, backend):
-    return reference.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx)
-
-
-@torch.library.custom_op(f"{_LIB}::act_grad", mutates_args=())
-def act_grad(dout: Tensor, out: Tensor, backend: str) -> Tensor:
-    """ReLU backward from the activated output: dout where out > 0, else 0."""
-    return _table(backend).act_grad(dout, out)
-
-
-@act_grad.register_fake
-def _(dout, out, backend):
-    return reference.act_grad(dout, out)
-
-
-@torch.library.custom_op(f"{_LIB}::conv_dgrad", mutates_args=())
-def conv_dgrad(
-    dy: Tensor,
-    weight: Tensor,
-    input_shape: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    dx_add: Optional[Tensor],
-    backend: str,
-) -> Tensor:
-    """Gradient of conv2d w.r.t. its input, plus ``dx_add`` when given."""
-    return _table(backend).conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
-
-
-@conv_dgrad.register_fake
-def _(dy, weight, input_shape, stride, padding, dilation, groups, dx_add, backend):
-    return reference.conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add)
-
-
-@torch.library.custom_op(f"{_LIB}::conv_wgrad", mutates_args=())
-def conv_wgrad(
-    dy: Tensor,
-    x: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    weight_shape: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    backend: str,
-) -> Tensor:
-    """Gradient of conv2d w.r.t. its weight, the input recomputed as pro(x) on load."""
-    return _table(backend).conv_wgrad(
-        dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups
-    )
-
-
-@conv_wgrad.register_fake
-def _(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups, backend):
-    return reference.conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups)
-
-
-@torch.library.custom_op(f"{_LIB}::bn_apply_conv_backward", mutates_args=())
-def bn_apply_conv_backward(
-    dh: Tensor,
-    y: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    coefs: Tensor,
-    weight: Tensor,
-    x: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    need_dx: bool,
-    need_dw: bool,
-    dx_add: Optional[Tensor],
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """dgrad (plus ``dx_add`` when given) and wgrad of a conv whose output gradient is the
-    BatchNorm(+ReLU) backward apply of ``dh``, computed while loading (never stored).
-    Unneeded outputs are empty tensors."""
-    return _table(backend).bn_apply_conv_backward(
-        dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-        need_dx, need_dw, dx_add,
-    )
-
-
-@bn_apply_conv_backward.register_fake
-def _(dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-      need_dx, need_dw, dx_add, backend):
-    return reference.bn_apply_conv_backward(
-        dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
-        need_dx, need_dw, dx_add,
-    )
+# forward
+conv_bias_act = _OPS["conv_bias_act"]
+conv_stats = _OPS["conv_stats"]
+batch_stats = _OPS["batch_stats"]
+bn_finalize = _OPS["bn_finalize"]
+bn_add_act = _OPS["bn_add_act"]
+# backward
+bn_backward_reduce = _OPS["bn_backward_reduce"]
+bn_backward_apply = _OPS["bn_backward_apply"]
+act_grad = _OPS["act_grad"]
+conv_dgrad = _OPS["conv_dgrad"]
+conv_wgrad = _OPS["conv_wgrad"]
+bn_apply_conv_backward = _OPS["bn_apply_conv_backward"]
 
 
 # ----------------------------------------------------------- autograd of conv_bias_act
@@ -331,7 +133,6 @@ def _cba_backward(ctx, dout):
 conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup)
 
 
-
 def unobserved(x: Tensor) -> bool:
     """An inference call on ``x`` that nothing observes: grad mode off, not compiling or
     tracing, no torch function/dispatch mode active, a plain tensor."""
@@ -361,16 +162,4 @@ def conv_bias_act_eager(x: Tensor, backend: str):
         return lambda *args, residual_owned=False: fn(*args[:-1], residual_owned=residual_owned)
     return lambda *args, residual_owned=False: fn(*args[:-1])
 
-ALL_OPS = (
-    conv_bias_act,
-    conv_stats,
-    batch_stats,
-    bn_finalize,
-    bn_add_act,
-    bn_backward_reduce,
-    bn_backward_apply,
-    act_grad,
-    conv_dgrad,
-    conv_wgrad,
-    bn_apply_conv_backward,
-)
+ALL_OPS = tuple(_OPS.values())
