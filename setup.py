@@ -97,7 +97,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     version=_version(),
-    packages=["fusedres", "fusedres.triton_kernels"],
+    packages=["fusedres", "fusedres.backends", "fusedres.triton_kernels"],
     package_dir={"fusedres": "fusedres", "fusedres.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -145,7 +145,7 @@ def read_jsonl(path: str) -> List[dict]:
 def _source_hash() -> str:
     h = hashlib.sha256()
     files = ["setup.py", "pyproject.toml"] + sorted(glob.glob("csrc/**/*", recursive=True)) + sorted(
-        glob.glob("fusedres/*.py")) + sorted(glob.glob("triton_kernels/*.py"))
+        glob.glob("fusedres/**/*.py", recursive=True)) + sorted(glob.glob("triton_kernels/*.py"))
     for f in files:
         p = os.path.join(ROOT, f)
         if os.path.isfile(p):
@@ -423,8 +423,10 @@ class Check:
         dst = os.path.join(self.stage, "fusedres")
         shutil.rmtree(self.stage, ignore_errors=True)
         os.makedirs(dst)
-        for f in glob.glob(os.path.join(ROOT, "fusedres", "*.py")):
-            shutil.copy(f, dst)
+        for f in glob.glob(os.path.join(ROOT, "fusedres", "**", "*.py"), recursive=True):
+            rel = os.path.relpath(f, os.path.join(ROOT, "fusedres"))
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copy(f, os.path.join(dst, rel))
         shutil.copytree(os.path.join(ROOT, "triton_kernels"), os.path.join(dst, "triton_kernels"),
                         ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -671,7 +673,7 @@ class Check:
 
             import fusedres.bench  # noqa: F401
             import fusedres.testing  # noqa: F401
-            import fusedres.triton_kernels._backend  # noqa: F401
+            import fusedres.backends.triton  # noqa: F401
         if not self.dry and shutil.which("nvidia-smi") is None:
             raise SystemExit("gpu_check: no nvidia-smi here; on a machine without a GPU use --dry-run")
         wanted = [s.name for s in STEPS] if not self.args.steps else self.args.steps
@@ -791,10 +793,10 @@ def worker_env(spec: dict) -> int:
         ext = {"fusedres": fusedres.__version__, "path": os.path.dirname(fusedres.__file__), **st, "cutlass": None,
                "backends": {k: [v.available, v.reason] for k, v in fusedres.available_backends().items()}}
         if st["loaded"]:
-            from fusedres import _conv_cutlass
+            from fusedres.backends import _cutlass
 
             try:
-                ext["cutlass"] = _conv_cutlass.built() or None
+                ext["cutlass"] = _cutlass.built() or None
             except Exception as e:  # noqa: BLE001
                 ext["cutlass"] = None
                 ext["cutlass_error"] = str(e)

@@ -10,7 +10,7 @@
 //   conv_cutlass_info() -> str
 //       a description of the compiled CUTLASS kernels, "" when built without them.
 //
-// The tensor ops (CUDA only, conv_bindings_cuda.cu) are documented in fusedres/_conv_cutlass.py.
+// The tensor ops (CUDA only, conv_bindings_cuda.cu) are documented in fusedres/backends/_cutlass.py.
 #include <torch/library.h>
 
 #include <string>

@@ -4,7 +4,7 @@
 // allocate outputs and workspaces from PyTorch's caching allocator, and launch on the
 // current stream under a device guard. Nothing here synchronises the host, so the ops can
 // be captured in CUDA graphs. A call the kernels do not support is an error: callers ask
-// conv_cutlass_support first (fusedres/backends.py does).
+// conv_cutlass_support first (fusedres/backends/cuda.py does).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -194,7 +194,7 @@ def _register_fakes() -> None:
     def _relu_fake(x):
         return None
 
-    from . import _conv_cutlass  # the convolution ops' fakes live with their Python side
+    from .backends import _cutlass  # the convolution ops' fakes live with their Python side
 
-    _conv_cutlass.register_fakes()
+    _cutlass.register_fakes()
     _FAKES_REGISTERED = True

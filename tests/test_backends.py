@@ -102,3 +102,79 @@ def test_explain_names_the_primitives_a_fused_unit_ran_through_the_reference():
     assert backends._FALLBACK_LISTENERS == []
     plain = fusedres.explain(fusedres.BasicBlock(8, 8, backend="cpu").eval(), x)
     assert plain.units[""].fallbacks == {} and "through the reference" not in str(plain)
+
+
+# --------------------------------------------------------------- the registry and the package
+
+
+def test_a_registered_backend_is_listed_resolved_and_checked():
+    @backends.register(auto={"cpu": -1})  # before every built-in one on CPU tensors
+    class Probe(backends.ReferenceBackend):
+        name = "probe"
+
+    try:
+        backends.refresh()
+        assert "probe" in fusedres.available_backends()
+        assert backends.resolve("auto", torch.device("cpu")) == "probe"
+        assert backends.resolve("auto", torch.device("meta")) == "reference"  # "*": any device
+        assert backends.check_name("probe") == "probe" and backends.get("probe") is Probe
+    finally:
+        backends._registry._TABLES.pop("probe")
+        backends._registry._AUTO[:] = [a for a in backends._registry._AUTO if a[2] != "probe"]
+        backends.refresh()
+    assert backends.resolve("auto", torch.device("cpu")) != "probe"
+    with pytest.raises(ValueError, match="one of .*'reference'"):
+        backends.check_name("probe")
+
+
+def test_register_refuses_a_taken_name_and_an_incomplete_table():
+    class Again(backends.ReferenceBackend):
+        name = "cpu"
+
+    with pytest.raises(ValueError, match="taken"):
+        backends.register(auto={})(Again)
+
+    class Partial:
+        name = "partial"
+        conv_bias_act = staticmethod(lambda *a: None)
+
+    with pytest.raises(TypeError, match="lacks the primitives .*conv_stats"):
+        backends.register(auto={})(Partial)
+    assert "partial" not in backends._registry.names()
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((0, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.level, node.module or ""
+
+
+def test_the_triton_kernels_import_nothing_from_fusedres():
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("fusedres.triton_kernels")
+    if spec is None:
+        pytest.skip("fusedres.triton_kernels is not installed")
+    files = sorted(pathlib.Path(spec.origin).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "bn.py", "conv.py", "_config.py"}
+    for f in files:
+        for level, module in _imports(f):
+            # within the package only (level 1), never fusedres or above it
+            assert level <= 1 and not module.startswith("fusedres"), (f.name, level, module)
+
+
+def test_the_registry_names_no_backend():
+    import ast
+    import pathlib
+
+    src = pathlib.Path(backends._registry.__file__)
+    strings = {n.value for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    assert not strings & set(backends.BACKEND_NAMES)
+    assert not any(level == 1 and m.split(".")[0] in backends.BACKEND_NAMES for level, m in _imports(src))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fusedres import _conv_cutlass, _ext, backends, reference
+from fusedres import _ext, backends, reference
+from fusedres.backends import _cutlass
 
 pytestmark = pytest.mark.skipif(not _ext.status()["loaded"], reason="C++ extension not built")
 
@@ -42,13 +43,13 @@ RESNET50 = [
 def ask(kind, dtype, x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1, **flags):
     if kind in ("fprop_prologue", "wgrad_prologue"):
         flags.setdefault("input_relu", True)
-    return _conv_cutlass.unsupported(
+    return _cutlass.unsupported(
         kind, dtype, x_shape, w_shape, [stride] * 2, [padding] * 2, [dilation] * 2, groups, **flags
     )
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
-@pytest.mark.parametrize("kind", _conv_cutlass.KINDS)
+@pytest.mark.parametrize("kind", _cutlass.KINDS)
 @pytest.mark.parametrize("conv", RESNET50, ids=lambda c: f"{c[0][1]}x{c[0][2]}-k{c[1][0]}-{c[1][2]}x{c[1][3]}-s{c[2]}")
 def test_resnet50_convolutions_take_cutlass(conv, kind, dtype):
     x_shape, w_shape, stride, padding = conv
@@ -145,38 +146,38 @@ def _meta(shape, dtype=BF16, channels_last=True):
 
 def test_backend_questions_follow_layout_and_dtypes():
     xg, wg = _meta((2, 64, 9, 7)), _meta((16, 32, 3, 3), channels_last=False)
-    assert _conv_cutlass.fprop_reason(xg, wg, torch.empty(16, device="meta"), None, None, False,
+    assert _cutlass.fprop_reason(xg, wg, torch.empty(16, device="meta"), None, None, False,
                                       [1, 1], [1, 1], [1, 1], 2) == ""
-    assert "grouped" in _conv_cutlass.dgrad_reason(_meta((2, 16, 9, 7)), wg, [2, 64, 9, 7], [1, 1], [1, 1], [1, 1], 2)
+    assert "grouped" in _cutlass.dgrad_reason(_meta((2, 16, 9, 7)), wg, [2, 64, 9, 7], [1, 1], [1, 1], [1, 1], 2)
     x, w = _meta((4, 64, 14, 14)), _meta((128, 64, 3, 3), channels_last=False)
     geo = ([1, 1], [1, 1], [1, 1], 1)
-    assert _conv_cutlass.fprop_reason(x, w, None, None, None, False, *geo) == ""
+    assert _cutlass.fprop_reason(x, w, None, None, None, False, *geo) == ""
     scale = torch.empty(64, device="meta")
-    assert _conv_cutlass.fprop_reason(x, w, None, None, scale, True, *geo) == ""
-    assert "channels_last" in _conv_cutlass.fprop_reason(_meta((4, 64, 14, 14), channels_last=False), w, None, None,
+    assert _cutlass.fprop_reason(x, w, None, None, scale, True, *geo) == ""
+    assert "channels_last" in _cutlass.fprop_reason(_meta((4, 64, 14, 14), channels_last=False), w, None, None,
                                                          None, False, *geo)
     res32 = _meta((4, 128, 14, 14), torch.float32)
-    assert "dtypes" in _conv_cutlass.fprop_reason(x, w, None, res32, None, False, *geo)
-    assert "dtypes" in _conv_cutlass.fprop_reason(x, w.float(), None, None, None, False, *geo)
+    assert "dtypes" in _cutlass.fprop_reason(x, w, None, res32, None, False, *geo)
+    assert "dtypes" in _cutlass.fprop_reason(x, w.float(), None, None, None, False, *geo)
     dy = _meta((4, 128, 14, 14))
-    assert _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo) == ""
-    assert _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape)) == ""
-    assert "dtypes" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape, torch.float32))
-    assert "channels_last" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo,
+    assert _cutlass.dgrad_reason(dy, w, list(x.shape), *geo) == ""
+    assert _cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape)) == ""
+    assert "dtypes" in _cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta(x.shape, torch.float32))
+    assert "channels_last" in _cutlass.dgrad_reason(dy, w, list(x.shape), *geo,
                                                          _meta(x.shape, channels_last=False))
-    assert "not the input's" in _conv_cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta((4, 64, 14, 13)))
-    assert _conv_cutlass.wgrad_reason(dy, x, scale, True, list(w.shape), *geo) == ""
-    assert "channels_last" in _conv_cutlass.wgrad_reason(dy, _meta((4, 64, 14, 14), channels_last=False), None, False,
+    assert "not the input's" in _cutlass.dgrad_reason(dy, w, list(x.shape), *geo, _meta((4, 64, 14, 13)))
+    assert _cutlass.wgrad_reason(dy, x, scale, True, list(w.shape), *geo) == ""
+    assert "channels_last" in _cutlass.wgrad_reason(dy, _meta((4, 64, 14, 14), channels_last=False), None, False,
                                                          list(w.shape), *geo)
     # 1x1 spatial tensors are channels_last and contiguous at once: both layouts qualify
-    assert _conv_cutlass.fprop_reason(_meta((4, 64, 1, 1), channels_last=False), _meta((64, 64, 1, 1)), None, None,
+    assert _cutlass.fprop_reason(_meta((4, 64, 1, 1), channels_last=False), _meta((64, 64, 1, 1)), None, None,
                                       None, False, [1, 1], [0, 0], [1, 1], 1) == ""
 
 
 def test_cuda_backend_says_where_convolutions_run():
-    if _conv_cutlass.built():
-        assert "CUTLASS" in _conv_cutlass.built()
-        assert backends.CudaBackend._cutlass() is _conv_cutlass
+    if _cutlass.built():
+        assert "CUTLASS" in _cutlass.built()
+        assert backends.CudaBackend._cutlass() is _cutlass
     else:
         # built without CUTLASS (e.g. this CPU-only build): every convolution goes through ATen
         assert backends.CudaBackend._cutlass() is None

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fusedres
-from fusedres import _conv_cutlass, _ext, backends, ops, reference
+from fusedres import _ext, backends, ops, reference
+from fusedres.backends import _cutlass
 
 from helpers import randomise
 
@@ -58,12 +59,12 @@ class _Recorder(TorchDispatchMode):
 
 
 class _FakeCutlass:
-    """Stands in for ``fusedres._conv_cutlass`` on CPU tensors: the real support predicate,
+    """Stands in for ``fusedres.backends._cutlass`` on CPU tensors: the real support predicate,
     the reference convolution as the kernel, a count per kernel kind."""
 
-    fprop_reason = staticmethod(_conv_cutlass.fprop_reason)
-    dgrad_reason = staticmethod(_conv_cutlass.dgrad_reason)
-    wgrad_reason = staticmethod(_conv_cutlass.wgrad_reason)
+    fprop_reason = staticmethod(_cutlass.fprop_reason)
+    dgrad_reason = staticmethod(_cutlass.dgrad_reason)
+    wgrad_reason = staticmethod(_cutlass.wgrad_reason)
 
     def __init__(self, recorder):
         self.rec = recorder
@@ -211,7 +212,7 @@ def test_outside_the_supported_cases_convolutions_fall_back_with_a_reason(cuda_t
     x = torch.randn(BATCH, c, 6, 6).to(dtype, memory_format=fmt)
     w = block.conv1.weight
     geo = ([1, 1], [1, 1], [1, 1], 1)
-    assert why in _conv_cutlass.fprop_reason(x, w, None, None, None, False, *geo)
+    assert why in _cutlass.fprop_reason(x, w, None, None, None, False, *geo)
     x = x.clone().requires_grad_()
     fusedres.backends.reset_fallbacks()
     with rec:

@@ -91,7 +91,7 @@ def test_dry_run_of_every_step(tmp_path):
     assert steps["triton-fp16"]["counts"]["passed"] == 2
     # what runs during a GPU build: a copy of the package with its triton kernels, no extension
     staged = {p.relative_to(work / "stage" / "fusedres") for p in (work / "stage" / "fusedres").rglob("*.py")}
-    want = {p.relative_to(ROOT / "fusedres") for p in (ROOT / "fusedres").glob("*.py")}
+    want = {p.relative_to(ROOT / "fusedres") for p in (ROOT / "fusedres").rglob("*.py")}
     want |= {"triton_kernels" / p.relative_to(ROOT / "triton_kernels") for p in (ROOT / "triton_kernels").glob("*.py")}
     assert staged == want and not list((work / "stage").rglob("*.so"))
     # the GPU tests were selected and collected (and skipped: no GPU)

@@ -8,7 +8,8 @@ never stored), and the BatchNorm finalize / normalise-add-ReLU / backward kernel
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before the kernels are first used,
 the very same kernels run on CPU tensors through Triton's interpreter (slow: small shapes).
-Importing this module does not import triton or touch a GPU.
+Importing this module does not import triton or touch a GPU, and nothing here imports
+fusedres: the backend table that calls these kernels is ``fusedres.backends.triton``.
 """
 
 from __future__ import annotations
@@ -71,12 +72,6 @@ def device_error(device: torch.device) -> Optional[str]:
         f"backend 'triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
         f"got a tensor on {device}"
     )
-
-
-def backend_class():
-    from ._backend import TritonBackend
-
-    return TritonBackend
 
 
 def chosen_configs():

@@ -1,16 +1,49 @@
-"""The triton backend's primitive table (same signatures as ``fusedres.reference``)."""
+"""The ``triton`` backend: every primitive as a Triton kernel of ``fusedres.triton_kernels``
+(installed from the top-level ``triton_kernels/``, which imports nothing from fusedres).
+Registering the table imports neither triton nor the kernels: they load on first use."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fusedres import reference
-from fusedres.backends import ReferenceBackend
+from .. import primitives, reference
+from ._registry import register
+from .reference import ReferenceBackend
 
-from . import _config, bn, conv
+def _package():
+    """``fusedres.triton_kernels`` (its ``__init__`` imports neither triton nor the
+    kernels), or None where it is not installed (a source tree)."""
+    try:
+        from .. import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _tk():
+    """The kernels' package with its kernel modules loaded (imports triton)."""
+    from .. import triton_kernels
+    from ..triton_kernels import _config, bn, conv  # noqa: F401  (loads them)
+
+    return triton_kernels
+
+
+class _Kernels:
+    """A kernel module of the package, loaded on first use."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(getattr(_tk(), self._module), name)
+
+
+conv, bn = _Kernels("conv"), _Kernels("bn")
 
 
 def _vec(v: Optional[Tensor]) -> Optional[Tensor]:
@@ -28,40 +61,29 @@ def _fused_addend(dx_add: Optional[Tensor], like: Tensor, shape: List[int]) -> b
             and dx_add.device == like.device)
 
 
+@register(auto={"cuda": 1})  # after the cuda backend
 class TritonBackend(ReferenceBackend):
     """Every primitive as a Triton kernel."""
 
     name = "triton"
-    native: Tuple[str, ...] = (
-        "conv_bias_act",
-        "conv_stats",
-        "batch_stats",
-        "bn_finalize",
-        "bn_add_act",
-        "bn_backward_reduce",
-        "bn_backward_apply",
-        "act_grad",
-        "conv_dgrad",
-        "conv_wgrad",
-        "bn_apply_conv_backward",
-    )
+    native = primitives.NAMES
 
     @classmethod
     def availability(cls):
-        from . import availability
-
-        return availability()
+        tk = _package()
+        if tk is None:
+            return False, "fusedres.triton_kernels is not installed (install fusedres with pip)"
+        return tk.availability()
 
     @classmethod
-    def device_error(cls, device: torch.device):
-        from . import device_error
-
-        return device_error(device)
+    def device_error(cls, device: torch.device) -> Optional[str]:
+        tk = _package()
+        return None if tk is None else tk.device_error(device)
 
     @staticmethod
     def stats_tiles(y_shape: Sequence[int]) -> int:
         n, _, p, q = y_shape
-        return _config.stats_tiles(n * p * q)
+        return _tk()._config.stats_tiles(n * p * q)
 
     @staticmethod
     def conv_bias_act(x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups,
