@@ -22,6 +22,7 @@ backward recomputes them inside ``conv_wgrad`` and the BN backward primitives.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -41,6 +42,15 @@ class ConvGeom:
         return list(self.stride), list(self.padding), list(self.dilation), self.groups
 
 
+class Shortcut(enum.Enum):
+    """What a block adds before its output activation."""
+
+    NONE = "none"  # nothing
+    IDENTITY = "identity"  # the block's input
+    TENSOR = "tensor"  # a tensor computed outside the block (a given residual, a downsample module's output)
+    PROJECT = "project"  # the fused projection of the block's input: conv (+ BatchNorm, post-activation)
+
+
 @dataclass(frozen=True)
 class ChainSpec:
     """Static description of a block: everything that is not a tensor."""
@@ -49,7 +59,7 @@ class ChainSpec:
     convs: Tuple[ConvGeom, ...]  # main branch, in order
     eps: Tuple[float, ...]  # one per main-branch BatchNorm
     factors: Tuple[float, ...]  # running-stat update factor per BatchNorm (0 when not tracked)
-    shortcut: str  # "none" | "identity" | "tensor" | "project"
+    shortcut: Shortcut  # (its value, a string, is accepted and converted)
     ds_conv: Optional[ConvGeom]
     ds_eps: float
     ds_factor: float
@@ -57,6 +67,9 @@ class ChainSpec:
     backend: str
     # torch.distributed process group for synchronised batch statistics (None: local)
     group: object = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "shortcut", Shortcut(self.shortcut))
 
 
 # Parameter layout passed to the Functions after (spec, x, residual, sample_scale):
@@ -134,11 +147,11 @@ class PostActBlock(torch.autograd.Function):
             h, s, t, pre_relu = y, st[2], st[3], True
         res = rs = rt = y_ds = None
         ds_stats = (None,) * 4
-        if spec.shortcut == "identity":
+        if spec.shortcut is Shortcut.IDENTITY:
             res = x
-        elif spec.shortcut == "tensor":
+        elif spec.shortcut is Shortcut.TENSOR:
             res = residual
-        elif spec.shortcut == "project":
+        elif spec.shortcut is Shortcut.PROJECT:
             w, gamma, beta, rm, rv = params[UNIT * n_units : UNIT * (n_units + 1)]
             y_ds, part = ops.conv_stats(x, w, None, None, False, *spec.ds_conv.args(), b)
             part = _sync_partials(part, spec.group)
@@ -178,9 +191,9 @@ class PostActBlock(torch.autograd.Function):
 
         # Shortcut branch.
         g_res = dx_short = None
-        if spec.shortcut in ("identity", "tensor"):
+        if spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR):
             g_res = ops.act_grad(dout, out, b) if relu else dout
-        elif spec.shortcut == "project":
+        elif spec.shortcut is Shortcut.PROJECT:
             k = UNIT * n
             w_ds, gamma_ds, beta_ds = params[k : k + 3]
             dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b, grp)
@@ -194,7 +207,7 @@ class PostActBlock(torch.autograd.Function):
         # its reduce runs on the dgrad output dh, its apply inside the next conv's dgrad and
         # wgrad (bn_apply_conv_backward), so that gradient is never stored.
         # the shortcut's gradient is added where the first conv's dgrad writes dx
-        dx_add = g_res if spec.shortcut == "identity" else dx_short
+        dx_add = g_res if spec.shortcut is Shortcut.IDENTITY else dx_short
         dx = None
         pending = None  # (dh, unit, coefs) whose BN apply is still to be done
         for i in reversed(range(n)):
@@ -233,7 +246,7 @@ class PostActBlock(torch.autograd.Function):
             else:
                 dx = d
 
-        d_res = g_res if spec.shortcut == "tensor" and need[2] else None
+        d_res = g_res if spec.shortcut is Shortcut.TENSOR and need[2] else None
         return (None, dx, d_res, None, *grads)
 
 
@@ -259,11 +272,11 @@ class PreActBlock(torch.autograd.Function):
             stats.append(st)
             h = y
         res = None
-        if spec.shortcut == "identity":
+        if spec.shortcut is Shortcut.IDENTITY:
             res = x
-        elif spec.shortcut == "tensor":
+        elif spec.shortcut is Shortcut.TENSOR:
             res = residual
-        elif spec.shortcut == "project":
+        elif spec.shortcut is Shortcut.PROJECT:
             w_ds = params[UNIT * n_units]
             s0, t0 = stats[0][2], stats[0][3]
             res = ops.conv_bias_act(x, w_ds, None, None, s0, t0, True, *spec.ds_conv.args(), False, b)
@@ -307,7 +320,7 @@ class PreActBlock(torch.autograd.Function):
             if need[4 + UNIT * j]:
                 grads[UNIT * j] = ops.conv_wgrad(dy, h_in, s_j, t_j, True, list(w.shape), *geom.args(), b)
             da = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), None, b)
-            if j == 0 and spec.shortcut == "project":
+            if j == 0 and spec.shortcut is Shortcut.PROJECT:
                 k = UNIT * n
                 w_ds = params[k]
                 if need[4 + k]:
@@ -318,8 +331,8 @@ class PreActBlock(torch.autograd.Function):
             grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
             grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])
         if need[1]:
-            dx = dy + g if spec.shortcut == "identity" else dy
-        d_res = g if spec.shortcut == "tensor" and need[2] else None
+            dx = dy + g if spec.shortcut is Shortcut.IDENTITY else dy
+        d_res = g if spec.shortcut is Shortcut.TENSOR and need[2] else None
         return (None, dx, d_res, None, *grads)
 
 

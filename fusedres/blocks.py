@@ -641,12 +641,12 @@ class _TimmBlock(_FusedBlockMixin):
     def downsample_module(self) -> Optional[nn.Module]:
         """The shortcut module this block calls as a module (not fused into the block's
         kernels), or None."""
-        from .functional import _split_downsample
+        from .functional import ModuleShortcut, _split_downsample
 
         ds = self.downsample
         if ds is None or self._preact:
             return None
-        if self._se() is not None or _split_downsample(ds, False)[0] == "module":
+        if self._se() is not None or isinstance(_split_downsample(ds, False), ModuleShortcut):
             return ds
         return None
 

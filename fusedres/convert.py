@@ -39,7 +39,7 @@ from .blocks import (
     _TimmBlock,
     sequential_runs,
 )
-from .functional import _split_downsample
+from .functional import ModuleShortcut, _split_downsample
 
 __all__ = ["convert", "ConversionReport", "set_backend"]
 
@@ -111,7 +111,7 @@ def _convert(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, repo
             return _convert_children(module, prefix, backend, fuse_runs, report)
         report.replaced.append((prefix, f"torchvision.{type(module).__name__}", f"fusedres.{type(new).__name__}"))
         ds = new.downsample
-        if ds is not None and _split_downsample(ds, False)[0] == "module":
+        if ds is not None and isinstance(_split_downsample(ds, False), ModuleShortcut):
             # a shortcut the block calls as a module (not a Conv2d+BatchNorm2d projection,
             # which it fuses itself): fuse what can be fused inside it
             new.downsample = _convert_children(ds, prefix + ".downsample", backend, fuse_runs, report)
@@ -250,7 +250,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     ``DistributedDataParallel`` to average them. Evaluation is unaffected.
     """
     from .blocks import PreActBasicBlock, SyncBatchNorm2d
-    from .functional import _split_downsample
+    from .functional import ModuleShortcut, _split_downsample
 
     def called_modules(m: nn.Module):
         """The children a fused module calls as modules (their BatchNorms are not fused)."""
@@ -261,7 +261,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
             ds = m.downsample_module()
         else:
             ds = getattr(m, "downsample", None)
-            if ds is not None and _split_downsample(ds, isinstance(m, PreActBasicBlock))[0] != "module":
+            preact = isinstance(m, PreActBasicBlock)
+            if ds is not None and not isinstance(_split_downsample(ds, preact), ModuleShortcut):
                 ds = None
         return [] if ds is None else [("downsample", ds)]
 

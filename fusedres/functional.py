@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _frozen, autoselect, backends, ops
-from .autograd import UNIT, ChainSpec, ConvGeom, PostActBlock, PreActBlock
+from .autograd import ChainSpec, ConvGeom, PostActBlock, PreActBlock, Shortcut
 from .reference import memory_format, stat_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -238,8 +239,9 @@ def _check_devices(x: Tensor, mods: Sequence[nn.Module], name: str) -> None:
                 raise RuntimeError(f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}")
 
 
-def _check_dtypes(convs, ds_mods, dtype: torch.dtype, name: str) -> None:
-    for m in list(convs) + [c for c in ds_mods[:1]]:
+def _check_dtypes(chain: "_Chain", dtype: torch.dtype, name: str) -> None:
+    proj = chain.projection
+    for m in list(chain.convs) + ([] if proj is None else [proj.conv]):
         if m.weight.dtype != dtype:
             raise TypeError(
                 f"{name}: input dtype {dtype} does not match conv weight dtype {m.weight.dtype}; "
@@ -417,11 +419,26 @@ def _thaw(convs) -> None:
 # --------------------------------------------------------------------------- blocks
 
 
-Shortcut = Union[str, Tensor, nn.Module, None]
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """A downsample (``module``) the block fuses as its projection shortcut: ``conv`` then
+    ``bn`` (post-activation), or ``conv`` alone fed the pre-activated input (pre-activation)."""
+
+    module: nn.Module
+    conv: nn.Conv2d
+    bn: Optional[nn.BatchNorm2d]
 
 
-def _split_downsample(downsample, preact: bool):
-    """Classify a torchvision-style downsample: ('project', conv, bn|None) or ('module', m)."""
+@dataclass(frozen=True, eq=False)
+class ModuleShortcut:
+    """A downsample the block applies as it is, to the block's input."""
+
+    module: nn.Module
+
+
+def _split_downsample(downsample, preact: bool) -> Union[Projection, ModuleShortcut, None]:
+    """Classify a torchvision-style downsample: a projection the block fuses, or a module
+    it applies as is."""
     if downsample is None:
         return None
     mods = list(downsample) if isinstance(downsample, nn.Sequential) else [downsample]
@@ -429,10 +446,78 @@ def _split_downsample(downsample, preact: bool):
     mods = [m for m in mods if type(m) is not nn.Identity]
     if preact:
         if len(mods) == 1 and _conv_fusable(mods[0]) is None:
-            return ("project", mods[0], None)
+            return Projection(downsample, mods[0], None)
     elif len(mods) == 2 and _conv_fusable(mods[0]) is None and _bn_fusable(mods[1]) is None:
-        return ("project", mods[0], mods[1])
-    return ("module", downsample)
+        return Projection(downsample, mods[0], mods[1])
+    return ModuleShortcut(downsample)
+
+
+@dataclass(frozen=True, eq=False)
+class _Chain:
+    """One block call, described once and read by every path (fused training, fused
+    evaluation, the torch.nn modules): the modules in order and what is added before the
+    output activation."""
+
+    convs: Sequence[nn.Conv2d]
+    bns: Sequence[nn.BatchNorm2d]
+    preact: bool
+    shortcut: Shortcut
+    downsample: Union[Projection, ModuleShortcut, None]  # PROJECT: a Projection; TENSOR: maybe a module
+    residual: Optional[Tensor]  # TENSOR: the tensor given (None while a ModuleShortcut is still to run)
+    relu: bool  # ReLU at the output
+    sample_scale: Optional[Tensor]  # per-sample factor of the main branch (stochastic depth)
+
+    @property
+    def projection(self) -> Optional[Projection]:
+        return self.downsample if isinstance(self.downsample, Projection) else None
+
+    def modules(self) -> List[nn.Module]:
+        """Every module whose parameters the fused path reads."""
+        p = self.projection
+        return list(self.convs) + list(self.bns) + ([] if p is None else [m for m in (p.conv, p.bn) if m is not None])
+
+    def main_branch(self) -> "_Chain":
+        """The chain without its shortcut and output ReLU."""
+        return replace(self, shortcut=Shortcut.NONE, downsample=None, residual=None, relu=False)
+
+
+def _describe(convs, bns, preact, shortcut, downsample, residual, relu, sample_scale, name) -> _Chain:
+    if len(convs) != len(bns) or not convs:
+        raise ValueError(f"{name}: need as many BatchNorms as convs (got {len(convs)} and {len(bns)})")
+    if shortcut not in ("identity", "none"):
+        raise ValueError(f"{name}: shortcut must be 'identity' or 'none', got {shortcut!r}")
+    ds = _split_downsample(downsample, preact) if shortcut == "identity" else None
+    if residual is not None and ds is not None:
+        raise ValueError(f"{name}: pass either downsample or residual, not both")
+    if shortcut == "none":
+        kind = Shortcut.NONE
+    elif isinstance(ds, Projection):
+        kind = Shortcut.PROJECT
+    elif residual is not None or ds is not None:
+        kind = Shortcut.TENSOR
+    else:
+        kind = Shortcut.IDENTITY
+    return _Chain(tuple(convs), tuple(bns), preact, kind, ds, residual, relu, sample_scale)
+
+
+def _unfusable(x: Tensor, chain: _Chain, backend: str, sync_bn: bool) -> Optional[str]:
+    """Why this call runs through the torch.nn modules (None: it runs fused)."""
+    proj = chain.projection
+    # which BatchNorms a ReLU follows directly: pre-activation, all; post-activation, all
+    # but the last, and the last too when nothing is added before the output ReLU
+    n = len(chain.bns)
+    follows = [True] * n if chain.preact else [True] * (n - 1) + [chain.relu and chain.shortcut is Shortcut.NONE]
+    why = fusable(chain.convs, chain.bns, None if proj is None else proj.bn, follows)
+    if why is None and x.shape[0] == 0:
+        why = "empty batch"
+    if why is None and getattr(_STATE, "unfused", False):
+        why = "fusedres.functional.unfused() is active"
+    if why is None:
+        ds = [] if chain.downsample is None else [chain.downsample.module]
+        why = _hooked(list(chain.convs) + list(chain.bns) + ds)
+    if why is None and backend == "auto":
+        why = autoselect.torch_nn_reason(x.device, _batch_stats(chain.bns[0]), sync_bn)
+    return why
 
 
 def residual_block(
@@ -477,36 +562,17 @@ def residual_block(
     merged in rank order, and the BatchNorm backward sums are all-reduced.
     """
     x_owned = _take_donation(x)
-    if len(convs) != len(bns) or not convs:
-        raise ValueError(f"{name}: need as many BatchNorms as convs (got {len(convs)} and {len(bns)})")
-    if shortcut not in ("identity", "none"):
-        raise ValueError(f"{name}: shortcut must be 'identity' or 'none', got {shortcut!r}")
+    chain = _describe(convs, bns, preact, shortcut, downsample, residual, relu, sample_scale, name)
     backends.check_name(backend)
     first = bns[0] if preact else convs[0]
     _check_input(x, getattr(first, "num_features" if preact else "in_channels", None), name)
-    ds = _split_downsample(downsample, preact) if shortcut == "identity" else None
-    if residual is not None:
-        if ds is not None:
-            raise ValueError(f"{name}: pass either downsample or residual, not both")
-        if residual.shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: residual batch {residual.shape[0]} != input batch {x.shape[0]}")
+    if residual is not None and residual.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: residual batch {residual.shape[0]} != input batch {x.shape[0]}")
 
     rec = getattr(_STATE, "recorder", None)
     if rec is not None:
         rec.enter(convs)
-    ds_mods = ds[1:] if ds is not None and ds[0] == "project" else ()
-    # which BatchNorms a ReLU follows directly: pre-activation, all; post-activation, all
-    # but the last, and the last too when nothing is added before the output ReLU
-    follows = [True] * len(bns) if preact else [True] * (len(bns) - 1) + [relu and shortcut == "none"]
-    why = fusable(convs, bns, ds_mods[1] if ds_mods else None, follows)
-    if why is None and x.shape[0] == 0:
-        why = "empty batch"
-    if why is None and getattr(_STATE, "unfused", False):
-        why = "fusedres.functional.unfused() is active"
-    if why is None:
-        why = _hooked(list(convs) + list(bns) + ([downsample] if downsample is not None and ds is not None else []))
-    if why is None and backend == "auto":
-        why = autoselect.torch_nn_reason(x.device, _batch_stats(bns[0]), sync_bn)
+    why = _unfusable(x, chain, backend, sync_bn)
     if why is not None:
         if sync_bn and _batch_stats(bns[0]):
             raise NotImplementedError(
@@ -515,84 +581,84 @@ def residual_block(
             )
         if rec is not None:
             rec.result(why, None)
-        return _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale)
+        return _unfused(x, chain)
 
-    all_mods = list(convs) + list(bns) + [m for m in ds_mods if m is not None]
-    _check_devices(x, all_mods, name)
-    conv_dtype = x.dtype
-    ac = _autocast_dtype(x)
-    res_src = residual if residual is not None else (x if shortcut == "identity" and ds is None else None)
-    if ac is not None and res_src is not None and torch.promote_types(ac, res_src.dtype) != ac:
+    _check_devices(x, chain.modules(), name)
+    dtype = x.dtype  # of the convolutions
+    autocast = _autocast_dtype(x)
+    added = residual if residual is not None else (x if chain.shortcut is Shortcut.IDENTITY else None)
+    if autocast is not None and added is not None and torch.promote_types(autocast, added.dtype) != autocast:
         # As torch.nn under autocast: the main branch ends in the autocast dtype and the
         # residual add promotes to the residual's wider dtype (a float32 block input), so
         # the add and ReLU run outside the fused kernels, in that dtype.
-        main = residual_block(
-            x, convs, bns, preact=preact, shortcut="none", relu=False, sample_scale=sample_scale,
-            backend=backend, name=name, sync_bn=sync_bn, process_group=process_group,
-        )
-        out = main + res_src
+        main = _fused(x.to(autocast), chain.main_branch(), autocast, backend, name, sync_bn, process_group, False,
+                      rec)
+        out = main + added
         return out.relu() if relu else out
-    if ac is not None:
-        conv_dtype = ac
-        x = x.to(ac)
+    if autocast is not None:
+        dtype = autocast
+        x = x.to(dtype)
         if residual is not None:
-            residual = residual.to(ac)
+            chain = replace(chain, residual=residual.to(dtype))
     else:
-        _check_dtypes(convs, ds_mods, conv_dtype, name)
-    be = backends.resolve(backend, x.device)
+        _check_dtypes(chain, dtype, name)
+    return _fused(x, chain, dtype, backend, name, sync_bn, process_group, x_owned, rec)
 
-    if ds is not None and ds[0] == "module":
-        if preact:
-            residual = ds[1](x)
-        else:
-            residual = ds[1](x)
-    kind = "none" if shortcut == "none" else ("project" if ds_mods else ("tensor" if residual is not None else "identity"))
-    if kind == "identity" and (x.shape[1] != convs[-1].out_channels or _spatial_changes(x, convs)):
+
+def _fused(x, chain: _Chain, dtype, backend, name, sync_bn, process_group, x_owned, rec) -> Tensor:
+    """The fused block on x (in the convolutions' ``dtype``): the backend resolved once,
+    then the training or the evaluation chain."""
+    backend_name = backends.resolve(backend, x.device)
+    if isinstance(chain.downsample, ModuleShortcut):
+        chain = replace(chain, residual=chain.downsample.module(x))
+    if chain.shortcut is Shortcut.IDENTITY and (x.shape[1] != chain.convs[-1].out_channels
+                                                or _spatial_changes(x, chain.convs)):
         raise ValueError(
             f"{name}: identity shortcut needs the output shape to equal the input's "
-            f"(input {list(x.shape)}, {convs[-1].out_channels} output channels); pass a downsample"
+            f"(input {list(x.shape)}, {chain.convs[-1].out_channels} output channels); pass a downsample"
         )
 
-    train = _batch_stats(bns[0])
+    train = _batch_stats(chain.bns[0])
     if train and torch.jit.is_tracing():
         raise RuntimeError(
             f"{name}: torch.jit.trace of a fused block in training mode is not supported (running statistics "
             "and the fused backward cannot be traced); trace the model in eval mode, or use torch.compile / "
             "torch.export"
         )
+    proj = chain.projection
     if train and _frozen.CONVS:
-        _thaw(list(convs) + list(ds_mods[:1]))
+        _thaw(list(chain.convs) + ([] if proj is None else [proj.conv]))
     group = _sync_group(sync_bn, process_group, name) if train else None
     if train and group is None:
-        _check_batch(x, convs, preact)
+        _check_batch(x, chain.convs, chain.preact)
     if backend == "auto" and group is None:
         cands = autoselect.candidates(x.device)
-        if len(cands) > 1 and be in cands:
-            be = _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype,
-                                   train, cands)
+        if len(cands) > 1 and backend_name in cands:
+            backend_name = _measured_backend(x, chain, dtype, train, cands)
     if rec is not None:
-        rec.result(None, be)
+        rec.result(None, backend_name)
     if train:
-        return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group)
-    return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, x_owned)
+        return _train(x, chain, dtype, backend_name, group)
+    return _eval(x, chain, dtype, backend_name, x_owned)
 
 
-def _measured_backend(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, conv_dtype, train, cands):
+def _measured_backend(x, chain: _Chain, dtype, train, cands):
     """backend="auto" with several fast candidates: the one measured fastest on this block
     configuration (fusedres.autoselect)."""
-    all_convs = list(convs) + [m for m in ds_mods[:1]]
-    all_bns = list(bns) + [m for m in ds_mods[1:] if m is not None]
+    proj = chain.projection
+    all_convs = list(chain.convs) + ([] if proj is None else [proj.conv])
+    all_bns = list(chain.bns) + ([] if proj is None or proj.bn is None else [proj.bn])
     key = (
         tuple((tuple(c.weight.shape), _geom(c)) for c in all_convs),
-        tuple(x.shape), x.dtype, conv_dtype, memory_format(x), x.device,
-        train, preact, kind, relu, residual is not None, sample_scale is not None,
+        tuple(x.shape), x.dtype, dtype, memory_format(x), x.device,
+        train, chain.preact, chain.shortcut, chain.relu, chain.residual is not None, chain.sample_scale is not None,
     )
     buffers = [b for bn in all_bns for b in bn.buffers(recurse=False) if b is not None]
 
-    def run(name):
+    def run(backend_name):
         if train:
-            return _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, name, conv_dtype)
-        return _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, name, conv_dtype)
+            return _train(x, chain, dtype, backend_name)
+        return _eval(x, chain, dtype, backend_name)
 
     return autoselect.pick(key, x.device, cands, run, buffers)
 
@@ -623,130 +689,122 @@ def _sync_group(sync_bn: bool, process_group, name: str):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _train(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, conv_dtype, group=None):
-    factors = tuple(_running_update_factor(bn) for bn in bns)
+def _train(x, chain: _Chain, dtype, backend_name, group=None):
     params: List[Optional[Tensor]] = []
-    for conv, bn in zip(convs, bns):
-        params += [_wcast(conv, conv_dtype)] + _bn_train_params(bn, x)
+    for conv, bn in zip(chain.convs, chain.bns):
+        params += [_wcast(conv, dtype)] + _bn_train_params(bn, x)
     ds_geom, ds_eps, ds_factor = None, 0.0, 0.0
-    if kind == "project":
-        ds_conv, ds_bn = ds_mods
-        ds_geom = _geom(ds_conv)
-        if ds_bn is not None:
-            ds_eps, ds_factor = ds_bn.eps, _running_update_factor(ds_bn)
-            params += [_wcast(ds_conv, conv_dtype)] + _bn_train_params(ds_bn, x)
+    proj = chain.projection
+    if proj is not None:
+        ds_geom = _geom(proj.conv)
+        if proj.bn is not None:
+            ds_eps, ds_factor = proj.bn.eps, _running_update_factor(proj.bn)
+            params += [_wcast(proj.conv, dtype)] + _bn_train_params(proj.bn, x)
         else:
-            params += [_wcast(ds_conv, conv_dtype), None, None, None, None]
+            params += [_wcast(proj.conv, dtype), None, None, None, None]
     spec = ChainSpec(
-        preact=preact,
-        convs=tuple(_geom(c) for c in convs),
-        eps=tuple(float(bn.eps) for bn in bns),
-        factors=factors,
-        shortcut=kind,
+        preact=chain.preact,
+        convs=tuple(_geom(c) for c in chain.convs),
+        eps=tuple(float(bn.eps) for bn in chain.bns),
+        factors=tuple(_running_update_factor(bn) for bn in chain.bns),
+        shortcut=chain.shortcut,
         ds_conv=ds_geom,
         ds_eps=float(ds_eps),
         ds_factor=float(ds_factor),
-        relu_out=relu,
-        backend=be,
+        relu_out=chain.relu,
+        backend=backend_name,
         group=group,
     )
-    fn = PreActBlock if preact else PostActBlock
+    fn = PreActBlock if chain.preact else PostActBlock
+    sample_scale = chain.sample_scale
     if sample_scale is not None:
         sample_scale = sample_scale.to(stat_dtype(x.dtype))
-    return fn.apply(spec, x, residual, sample_scale, *params)
+    return fn.apply(spec, x, chain.residual, sample_scale, *params)
 
 
-def _eval(x, convs, bns, preact, kind, ds_mods, residual, relu, sample_scale, be, dt, x_owned=False):
-    """``x_owned``: x is a temporary of the caller (:func:`call_donating`), read last by the
+def _eval(x, chain: _Chain, dtype, backend_name, x_owned=False):
+    """Each BatchNorm folded into its convolution, one ``conv_bias_act`` per convolution.
+    ``x_owned``: x is a temporary of the caller (:func:`call_donating`), read last by the
     final convolution as the identity shortcut, so the backend may accumulate into it."""
-    none3 = (None, None, False)
-    cba = ops.conv_bias_act_eager(x, be)
-    if kind == "identity":
-        res = x
-    elif kind == "tensor":
-        res = residual
-    else:
-        res = None
-    if not preact:
+    no_prologue = (None, None, False)
+    conv_bias_act = ops.conv_bias_act_eager(x, backend_name)
+    convs, bns, proj = chain.convs, chain.bns, chain.projection
+    added = {Shortcut.IDENTITY: x, Shortcut.TENSOR: chain.residual}.get(chain.shortcut)
+    if not chain.preact:
         h = x
         for conv, bn in zip(convs[:-1], bns[:-1]):
-            w, b = folded(conv, bn, dt)
-            h = cba(h, w, b, None, *none3, *_geom(conv).args(), True, be)
-        if kind == "project":
-            w, b = folded(ds_mods[0], ds_mods[1], dt)
-            res = cba(x, w, b, None, *none3, *_geom(ds_mods[0]).args(), False, be)
-        w, b = folded(convs[-1], bns[-1], dt)
+            weight, bias = folded(conv, bn, dtype)
+            h = conv_bias_act(h, weight, bias, None, *no_prologue, *_geom(conv).args(), True, backend_name)
+        if proj is not None:
+            weight, bias = folded(proj.conv, proj.bn, dtype)
+            added = conv_bias_act(x, weight, bias, None, *no_prologue, *_geom(proj.conv).args(), False, backend_name)
+        weight, bias = folded(convs[-1], bns[-1], dtype)
         geom = _geom(convs[-1])
-        if sample_scale is None:
+        if chain.sample_scale is None:
             # a projection's output is this function's own temporary: the backend may
             # accumulate into it instead of a copy
-            owned = kind == "project" or (kind == "identity" and x_owned)
-            return cba(h, w, b, res, *none3, *geom.args(), relu, be, residual_owned=owned)
-        y = cba(h, w, b, None, *none3, *geom.args(), False, be)
-        return _scale_add(y, res, sample_scale, relu, be)
+            owned = proj is not None or (chain.shortcut is Shortcut.IDENTITY and x_owned)
+            return conv_bias_act(h, weight, bias, added, *no_prologue, *geom.args(), chain.relu, backend_name,
+                                 residual_owned=owned)
+        y = conv_bias_act(h, weight, bias, None, *no_prologue, *geom.args(), False, backend_name)
+        return _scale_add(y, added, chain.sample_scale, chain.relu, backend_name)
     # pre-activation: bns[0] stays a prologue (a ReLU sits between it and conv 0);
     # bns[i+1] folds into convs[i].
-    s0, t0 = bn_scale_shift(bns[0], dt)
-    pro = (s0, t0, True)
+    scale0, shift0 = bn_scale_shift(bns[0], dtype)
+    prologue = (scale0, shift0, True)
     h = x
     for i in range(len(convs) - 1):
-        w, b = folded(convs[i], bns[i + 1], dt)
-        h = cba(h, w, b, None, *pro, *_geom(convs[i]).args(), True, be)
-        pro = none3
-    if kind == "project":
-        res = cba(x, _wcast(ds_mods[0], dt), None, None, s0, t0, True, *_geom(ds_mods[0]).args(), False, be)
+        weight, bias = folded(convs[i], bns[i + 1], dtype)
+        h = conv_bias_act(h, weight, bias, None, *prologue, *_geom(convs[i]).args(), True, backend_name)
+        prologue = no_prologue
+    if proj is not None:
+        added = conv_bias_act(x, _wcast(proj.conv, dtype), None, None, scale0, shift0, True,
+                              *_geom(proj.conv).args(), False, backend_name)
     geom = _geom(convs[-1])
-    w = _wcast(convs[-1], dt)
-    if sample_scale is None:
-        return cba(h, w, None, res, *pro, *geom.args(), relu, be, residual_owned=kind == "identity" and x_owned)
-    y = cba(h, w, None, None, *pro, *geom.args(), False, be)
-    return _scale_add(y, res, sample_scale, relu, be)
+    weight = _wcast(convs[-1], dtype)
+    if chain.sample_scale is None:
+        owned = chain.shortcut is Shortcut.IDENTITY and x_owned
+        return conv_bias_act(h, weight, None, added, *prologue, *geom.args(), chain.relu, backend_name,
+                             residual_owned=owned)
+    y = conv_bias_act(h, weight, None, None, *prologue, *geom.args(), False, backend_name)
+    return _scale_add(y, added, chain.sample_scale, chain.relu, backend_name)
 
 
-def _scale_add(y, res, sample_scale, relu, be):
+def _scale_add(y, added, sample_scale, relu, backend_name):
     one = torch.ones(y.shape[1], device=y.device, dtype=stat_dtype(y.dtype))
     s = sample_scale.to(one.dtype)
-    return ops.bn_add_act(y, one, torch.zeros_like(one), res, None, None, s, relu, be)
+    return ops.bn_add_act(y, one, torch.zeros_like(one), added, None, None, s, relu, backend_name)
 
 
-def _unfused(x, convs, bns, preact, shortcut, ds, residual, relu, sample_scale):
+def _unfused(x, chain: _Chain):
     """The block's math through its own modules (fallback; also defines the semantics)."""
+    sample_scale = chain.sample_scale
 
     def scaled(h):
         return h if sample_scale is None else h * sample_scale.view(-1, 1, 1, 1).to(h.dtype)
 
-    if not preact:
+    convs, bns, ds = chain.convs, chain.bns, chain.downsample
+    if not chain.preact:
         h = x
         for i, (conv, bn) in enumerate(zip(convs, bns)):
             h = bn(conv(h))
             if i < len(convs) - 1:
                 h = F.relu(h)
-        out = scaled(h)
-        if shortcut != "none":
-            if residual is not None:
-                out = out + residual
-            elif ds is not None and ds[0] == "project":
-                out = out + ds[2](ds[1](x))
-            elif ds is not None:
-                out = out + ds[1](x)
-            else:
-                out = out + x
+        projected = x  # what a projection is applied to
     else:
         a = F.relu(bns[0](x))
         h = convs[0](a)
         for conv, bn in zip(convs[1:], bns[1:]):
             h = conv(F.relu(bn(h)))
-        out = scaled(h)
-        if shortcut != "none":
-            if residual is not None:
-                out = out + residual
-            elif ds is not None and ds[0] == "project":
-                out = out + ds[1](a)
-            elif ds is not None:
-                out = out + ds[1](x)
-            else:
-                out = out + x
-    return F.relu(out) if relu else out
+        projected = a
+    out = scaled(h)
+    if chain.shortcut is Shortcut.IDENTITY:
+        out = out + x
+    elif chain.shortcut is Shortcut.PROJECT:
+        out = out + (ds.conv(projected) if ds.bn is None else ds.bn(ds.conv(projected)))
+    elif chain.shortcut is Shortcut.TENSOR:
+        out = out + (chain.residual if chain.residual is not None else ds.module(x))
+    return F.relu(out) if chain.relu else out
 
 
 def conv_bn_act(
