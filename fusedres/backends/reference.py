@@ -12,23 +12,15 @@ from .. import reference
 from ._registry import PRIMITIVES, register
 
 
-@register(auto={"*": 100})  # anywhere, after every other backend
 class ReferenceBackend:
-    """Pure PyTorch; runs on any device PyTorch runs on."""
+    """Pure PyTorch; runs on any device PyTorch runs on. Every primitive is
+    ``fusedres.reference``'s function of that name (set below the class), except
+    ``bn_apply_conv_backward``, composed of the table's own methods."""
 
     name = "reference"
     native: Tuple[str, ...] = PRIMITIVES
 
-    conv_bias_act = staticmethod(reference.conv_bias_act)
-    conv_stats = staticmethod(reference.conv_stats)
-    batch_stats = staticmethod(reference.batch_stats)
-    bn_finalize = staticmethod(reference.bn_finalize)
-    bn_add_act = staticmethod(reference.bn_add_act)
-    bn_backward_reduce = staticmethod(reference.bn_backward_reduce)
-    bn_backward_apply = staticmethod(reference.bn_backward_apply)
-    act_grad = staticmethod(reference.act_grad)
-    conv_dgrad = staticmethod(reference.conv_dgrad)
-    conv_wgrad = staticmethod(reference.conv_wgrad)
+    # helpers the derived tables call through ``cls``
     bn_apply_relu = staticmethod(reference.bn_apply_relu)
     stats_tiles = staticmethod(reference.stats_tiles)
 
@@ -59,3 +51,9 @@ class ReferenceBackend:
     @classmethod
     def device_error(cls, device: torch.device) -> Optional[str]:
         return None
+
+
+for _name in PRIMITIVES:
+    if _name not in vars(ReferenceBackend):
+        setattr(ReferenceBackend, _name, staticmethod(getattr(reference, _name)))
+register(auto={"*": 100})(ReferenceBackend)  # anywhere, after every other backend
