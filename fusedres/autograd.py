@@ -115,14 +115,14 @@ def _bn_back(dout, y, stats, out, relu, sample, backend, group=None):
     group the normalisation is over all ranks (the input gradient uses the all-reduced sums)
     while the returned parameter gradients stay this rank's (DDP averages them)."""
     mean, invstd, scale, shift = stats
-    sg, sgx = ops.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample, backend)
+    sg, sgx = ops.direct.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample, backend)
     ag, agx = sg, sgx
     if group is not None:
         m_local = y.numel() // y.shape[1]
         tg, tgx, m_all = _sync_sums(sg, sgx, m_local, group)
         # bn_backward_apply divides by the local element count: rescale the global sums
         ag, agx = tg * (m_local / m_all), tgx * (m_local / m_all)
-    dy = ops.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, backend)
+    dy = ops.direct.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, backend)
     return dy, sgx, sg
 
 
@@ -139,9 +139,9 @@ class PostActBlock(torch.autograd.Function):
         ys, stats = [], []
         for i, geom in enumerate(spec.convs):
             w, gamma, beta, rm, rv = params[UNIT * i : UNIT * (i + 1)]
-            y, part = ops.conv_stats(h, w, s, t, pre_relu, *geom.args(), b)
+            y, part = ops.direct.conv_stats(h, w, s, t, pre_relu, *geom.args(), b)
             part = _sync_partials(part, spec.group)
-            st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i], spec.eps[i], b)
+            st = ops.direct.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i], spec.eps[i], b)
             ys.append(y)
             stats.append(st)
             h, s, t, pre_relu = y, st[2], st[3], True
@@ -153,11 +153,11 @@ class PostActBlock(torch.autograd.Function):
             res = residual
         elif spec.shortcut is Shortcut.PROJECT:
             w, gamma, beta, rm, rv = params[UNIT * n_units : UNIT * (n_units + 1)]
-            y_ds, part = ops.conv_stats(x, w, None, None, False, *spec.ds_conv.args(), b)
+            y_ds, part = ops.direct.conv_stats(x, w, None, None, False, *spec.ds_conv.args(), b)
             part = _sync_partials(part, spec.group)
-            ds_stats = ops.bn_finalize(part, gamma, beta, rm, rv, spec.ds_factor, spec.ds_eps, b)
+            ds_stats = ops.direct.bn_finalize(part, gamma, beta, rm, rv, spec.ds_factor, spec.ds_eps, b)
             res, rs, rt = y_ds, ds_stats[2], ds_stats[3]
-        out = ops.bn_add_act(ys[-1], stats[-1][2], stats[-1][3], res, rs, rt, sample_scale, spec.relu_out, b)
+        out = ops.direct.bn_add_act(ys[-1], stats[-1][2], stats[-1][3], res, rs, rt, sample_scale, spec.relu_out, b)
 
         ctx.spec = spec
         ctx.x_shape = list(x.shape)
@@ -192,16 +192,16 @@ class PostActBlock(torch.autograd.Function):
         # Shortcut branch.
         g_res = dx_short = None
         if spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR):
-            g_res = ops.act_grad(dout, out, b) if relu else dout
+            g_res = ops.direct.act_grad(dout, out, b) if relu else dout
         elif spec.shortcut is Shortcut.PROJECT:
             k = UNIT * n
             w_ds, gamma_ds, beta_ds = params[k : k + 3]
             dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b, grp)
             grads[k + 1], grads[k + 2] = _cast(sgx_ds, gamma_ds), _cast(sg_ds, beta_ds)
             if need[4 + k]:
-                grads[k] = ops.conv_wgrad(dy_ds, x, None, None, False, list(w_ds.shape), *spec.ds_conv.args(), b)
+                grads[k] = ops.direct.conv_wgrad(dy_ds, x, None, None, False, list(w_ds.shape), *spec.ds_conv.args(), b)
             if need[1]:
-                dx_short = ops.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), None, b)
+                dx_short = ops.direct.conv_dgrad(dy_ds, w_ds, ctx.x_shape, *spec.ds_conv.args(), None, b)
 
         # Main branch, last conv to first. Between two convs the BatchNorm backward is split:
         # its reduce runs on the dgrad output dh, its apply inside the next conv's dgrad and
@@ -222,12 +222,12 @@ class PostActBlock(torch.autograd.Function):
             d = None
             if pending is None:
                 if need_w:
-                    grads[UNIT * i] = ops.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
+                    grads[UNIT * i] = ops.direct.conv_wgrad(dy, h_in, s_in, t_in, relu_in, list(w.shape), *geom.args(), b)
                 if need_d:
-                    d = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), dx_add if i == 0 else None, b)
+                    d = ops.direct.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), dx_add if i == 0 else None, b)
             elif need_w or need_d:
                 dh, unit, coefs = pending
-                d, dw = ops.bn_apply_conv_backward(
+                d, dw = ops.direct.bn_apply_conv_backward(
                     dh, ys[unit], stats[unit][2], stats[unit][3], coefs, w, h_in, s_in, t_in, relu_in,
                     *geom.args(), need_d, need_w, dx_add if i == 0 else None, b,
                 )
@@ -238,7 +238,7 @@ class PostActBlock(torch.autograd.Function):
             pending = None
             if i > 0:
                 mean, invstd, scale, shift = stats[i - 1]
-                sg, sgx = ops.bn_backward_reduce(d, ys[i - 1], mean, invstd, scale, shift, None, True, None, b)
+                sg, sgx = ops.direct.bn_backward_reduce(d, ys[i - 1], mean, invstd, scale, shift, None, True, None, b)
                 grads[UNIT * (i - 1) + 1] = _cast(sgx, params[UNIT * (i - 1) + 1])
                 grads[UNIT * (i - 1) + 2] = _cast(sg, params[UNIT * (i - 1) + 2])
                 tg, tgx, m = _sync_sums(sg, sgx, d.numel() // d.shape[1], grp)
@@ -257,17 +257,17 @@ class PreActBlock(torch.autograd.Function):
         n_units = len(spec.convs)
         # unit i: bn_i precedes conv_i; bn_0 normalises the block input itself.
         w0, g0, b0, rm0, rv0 = params[:UNIT]
-        part0 = _sync_partials(ops.batch_stats(x, b), spec.group)
-        st = ops.bn_finalize(part0, g0, b0, rm0, rv0, spec.factors[0], spec.eps[0], b)
+        part0 = _sync_partials(ops.direct.batch_stats(x, b), spec.group)
+        st = ops.direct.bn_finalize(part0, g0, b0, rm0, rv0, spec.factors[0], spec.eps[0], b)
         stats = [st]
         ys = []
         h = x
         for i in range(n_units - 1):
             w = params[UNIT * i]
-            y, part = ops.conv_stats(h, w, st[2], st[3], True, *spec.convs[i].args(), b)
+            y, part = ops.direct.conv_stats(h, w, st[2], st[3], True, *spec.convs[i].args(), b)
             _, gamma, beta, rm, rv = params[UNIT * (i + 1) : UNIT * (i + 2)]
             part = _sync_partials(part, spec.group)
-            st = ops.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i + 1], spec.eps[i + 1], b)
+            st = ops.direct.bn_finalize(part, gamma, beta, rm, rv, spec.factors[i + 1], spec.eps[i + 1], b)
             ys.append(y)
             stats.append(st)
             h = y
@@ -279,15 +279,15 @@ class PreActBlock(torch.autograd.Function):
         elif spec.shortcut is Shortcut.PROJECT:
             w_ds = params[UNIT * n_units]
             s0, t0 = stats[0][2], stats[0][3]
-            res = ops.conv_bias_act(x, w_ds, None, None, s0, t0, True, *spec.ds_conv.args(), False, b)
+            res = ops.direct.conv_bias_act(x, w_ds, None, None, s0, t0, True, *spec.ds_conv.args(), False, b)
         w_last = params[UNIT * (n_units - 1)]
         geom = spec.convs[-1]
         if sample_scale is None:
-            out = ops.conv_bias_act(h, w_last, None, res, st[2], st[3], True, *geom.args(), spec.relu_out, b)
+            out = ops.direct.conv_bias_act(h, w_last, None, res, st[2], st[3], True, *geom.args(), spec.relu_out, b)
         else:
-            y_last = ops.conv_bias_act(h, w_last, None, None, st[2], st[3], True, *geom.args(), False, b)
+            y_last = ops.direct.conv_bias_act(h, w_last, None, None, st[2], st[3], True, *geom.args(), False, b)
             one = torch.ones_like(st[2])
-            out = ops.bn_add_act(y_last, one, torch.zeros_like(one), res, None, None, sample_scale, spec.relu_out, b)
+            out = ops.direct.bn_add_act(y_last, one, torch.zeros_like(one), res, None, None, sample_scale, spec.relu_out, b)
         ctx.spec = spec
         ctx.x_shape = list(x.shape)
         flat_stats = [v for s_ in stats for v in s_]
@@ -308,7 +308,7 @@ class PreActBlock(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = [None] * len(params)
 
-        g = ops.act_grad(dout, out, b) if spec.relu_out else dout
+        g = ops.direct.act_grad(dout, out, b) if spec.relu_out else dout
         g_main = g if sample is None else g * sample.view(-1, 1, 1, 1).to(g.dtype)
         dy = g_main
         dx = None
@@ -318,15 +318,15 @@ class PreActBlock(torch.autograd.Function):
             s_j, t_j = stats[j][2], stats[j][3]
             geom = spec.convs[j]
             if need[4 + UNIT * j]:
-                grads[UNIT * j] = ops.conv_wgrad(dy, h_in, s_j, t_j, True, list(w.shape), *geom.args(), b)
-            da = ops.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), None, b)
+                grads[UNIT * j] = ops.direct.conv_wgrad(dy, h_in, s_j, t_j, True, list(w.shape), *geom.args(), b)
+            da = ops.direct.conv_dgrad(dy, w, list(h_in.shape), *geom.args(), None, b)
             if j == 0 and spec.shortcut is Shortcut.PROJECT:
                 k = UNIT * n
                 w_ds = params[k]
                 if need[4 + k]:
-                    grads[k] = ops.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
+                    grads[k] = ops.direct.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
                 # the projection's dgrad adds the main branch's (one pass writes the sum)
-                da = ops.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), da, b)
+                da = ops.direct.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), da, b)
             dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b, spec.group)
             grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
             grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])
@@ -342,9 +342,9 @@ class SyncBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, factor: float, eps: float, group, backend: str):
-        part = _sync_partials(ops.batch_stats(x, backend), group)
-        st = ops.bn_finalize(part, gamma, beta, running_mean, running_var, factor, eps, backend)
-        out = ops.bn_add_act(x, st[2], st[3], None, None, None, None, False, backend)
+        part = _sync_partials(ops.direct.batch_stats(x, backend), group)
+        st = ops.direct.bn_finalize(part, gamma, beta, running_mean, running_var, factor, eps, backend)
+        out = ops.direct.bn_add_act(x, st[2], st[3], None, None, None, None, False, backend)
         ctx.group, ctx.backend = group, backend
         ctx.save_for_backward(x, gamma, *st)
         return out

@@ -773,7 +773,7 @@ def _eval(x, chain: _Chain, dtype, backend_name, x_owned=False):
 def _scale_add(y, added, sample_scale, relu, backend_name):
     one = torch.ones(y.shape[1], device=y.device, dtype=stat_dtype(y.dtype))
     s = sample_scale.to(one.dtype)
-    return ops.bn_add_act(y, one, torch.zeros_like(one), added, None, None, s, relu, backend_name)
+    return ops.direct.bn_add_act(y, one, torch.zeros_like(one), added, None, None, s, relu, backend_name)
 
 
 def _unfused(x, chain: _Chain):

@@ -134,8 +134,8 @@ conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup)
 
 
 def unobserved(x: Tensor) -> bool:
-    """An inference call on ``x`` that nothing observes: grad mode off, not compiling or
-    tracing, no torch function/dispatch mode active, a plain tensor."""
+    """A call on ``x`` that nothing observes: grad mode off, not compiling or tracing, no
+    torch function/dispatch mode or functorch transform active, a plain tensor."""
     return not (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -143,7 +143,37 @@ def unobserved(x: Tensor) -> bool:
         or type(x) is not Tensor
         or torch._C._len_torch_function_stack() > 0
         or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
     )
+
+
+def _direct(name: str):
+    op = _OPS[name]
+
+    def call(*args):
+        if unobserved(args[0]):
+            return getattr(_table(args[-1]), name)(*args[:-1])
+        return op(*args)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``{name}`` through one dispatcher crossing where nothing observes the call."
+    return call
+
+
+class _Direct:
+    """The primitives as the block's autograd Functions call them (``ops.direct.<name>``,
+    the custom op's arguments): the backend's implementation itself where going through
+    the ``fusedres::`` op changes nothing (:func:`unobserved`: inside a Function's forward
+    and a backward without ``create_graph``), so a call crosses the dispatcher once, in the
+    backend's own kernel op; the custom op otherwise (torch.compile, tracing, a dispatch
+    mode, a functorch transform, grad mode)."""
+
+    def __init__(self):
+        for p in primitives.PRIMITIVES:
+            setattr(self, p.name, _direct(p.name))
+
+
+direct = _Direct()
 
 
 def conv_bias_act_eager(x: Tensor, backend: str):
@@ -161,5 +191,6 @@ def conv_bias_act_eager(x: Tensor, backend: str):
     if getattr(table, "accepts_owned_residual", False):
         return lambda *args, residual_owned=False: fn(*args[:-1], residual_owned=residual_owned)
     return lambda *args, residual_owned=False: fn(*args[:-1])
+
 
 ALL_OPS = tuple(_OPS.values())

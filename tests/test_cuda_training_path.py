@@ -108,7 +108,9 @@ def cuda_tables_on_cpu(monkeypatch):
     real_resolve = backends.resolve
     monkeypatch.setattr(backends, "resolve", lambda b, d: "cuda" if b == "cuda" else real_resolve(b, d))
     for name in backends.PRIMITIVES:
-        monkeypatch.setattr(ops, name, lambda *a, _n=name: getattr(backends.get(a[-1]), _n)(*a[:-1]))
+        call = (lambda *a, _n=name: getattr(backends.get(a[-1]), _n)(*a[:-1]))
+        monkeypatch.setattr(ops, name, call)
+        monkeypatch.setattr(ops.direct, name, call)
     return rec, fake
 
 

@@ -222,3 +222,44 @@ def test_cpu_conv_bias_act_matches_reference(case, epilogue, dtype, layout):
     assert got.dtype == want.dtype and got.stride() == want.stride()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_close(got, want, atol=tol * (c * r * r) ** 0.5, rtol=tol, name="out")
+
+
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing but makes every call observed."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_training_step_crosses_the_dispatcher_once_per_primitive(backend):
+    """In a training step nothing observes, the block's Functions call each backend
+    implementation directly (the kernel's own op is the one crossing): no fusedres:: op
+    runs, and the results are bit for bit those of the custom ops (forced by a dispatch
+    mode)."""
+    if not fusedres.available_backends()[backend].available:
+        pytest.skip(f"{backend} not available")
+    from torch.profiler import ProfilerActivity, profile
+
+    def step(model, x):
+        x = x.clone().requires_grad_()
+        y = model(x)
+        y.square().sum().backward()
+        return [y, x.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
+
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(4, 6, 1, 2, bias=False), nn.BatchNorm2d(6))
+    make = lambda: fusedres.BasicBlock(4, 6, 2, ds, backend=backend).train()  # noqa: E731
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = step(a, x)
+    names = {e.name for e in prof.events()}
+    assert not {n for n in names if n.startswith("fusedres::")}, sorted(names)
+    if backend == "cpu":
+        assert "fusedres_ext::bn_add_act" in names and "fusedres_ext::bn_backward_reduce" in names
+    with _Passthrough():
+        want = step(b, x)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), i
