@@ -7,7 +7,9 @@ for float64 inputs) and cast back to the storage dtype, the same way
 ``nn.BatchNorm2d`` computes in fp32 and stores in the input dtype.
 
 Tensors use PyTorch's logical NCHW shapes whatever their memory format; every
-output keeps the memory format of the tensor it is derived from.
+output keeps the memory format of the tensor it is derived from. The arguments' types
+are declared once, in ``fusedres.primitives``; the functions here take the same names in
+the same order (``tests/test_primitives.py``).
 
 Vocabulary (shapes: x [N, C, H, W], weight [K, C/groups, R, S], y [N, K, P, Q]):
 
@@ -45,7 +47,7 @@ sample_scale[n] when given; xhat = (y - mean) * invstd.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,18 +119,7 @@ def stats_tiles(y_shape: Sequence[int]) -> int:
 
 
 def conv_bias_act(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    relu: bool,
+    x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
 ) -> Tensor:
     h = prologue(x, in_scale, in_shift, in_relu)
     y = F.conv2d(h, weight, None, stride, padding, dilation, groups)
@@ -142,24 +133,14 @@ def conv_bias_act(
     return _to(z, x.dtype, memory_format(x))
 
 
-def conv_stats(
-    x: Tensor,
-    weight: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-) -> Tuple[Tensor, Tensor]:
+def conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups) -> Tuple[Tensor, Tensor]:
     h = prologue(x, in_scale, in_shift, in_relu)
     y = F.conv2d(h, weight, None, stride, padding, dilation, groups)
     y = y.contiguous(memory_format=memory_format(x))
     return y, _partials(y)
 
 
-def batch_stats(x: Tensor) -> Tensor:
+def batch_stats(x) -> Tensor:
     return _partials(x)
 
 
@@ -181,13 +162,7 @@ def merge_partials(partials: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def bn_finalize(
-    partials: Tensor,
-    gamma: Tensor,
-    beta: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    momentum: float,
-    eps: float,
+    partials, gamma, beta, running_mean, running_var, momentum, eps
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     sd = partials.dtype
     n, mean64, m2 = merge_partials(partials)
@@ -204,16 +179,7 @@ def bn_finalize(
     return mean, invstd, scale, shift
 
 
-def bn_add_act(
-    y: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    residual: Optional[Tensor],
-    res_scale: Optional[Tensor],
-    res_shift: Optional[Tensor],
-    sample_scale: Optional[Tensor],
-    relu: bool,
-) -> Tensor:
+def bn_add_act(y, scale, shift, residual, res_scale, res_shift, sample_scale, relu) -> Tensor:
     z = y.to(stat_dtype(y.dtype)) * _c(scale) + _c(shift)
     if sample_scale is not None:
         z = z * _n(sample_scale)
@@ -249,35 +215,13 @@ def _masked_grad(
     return g
 
 
-def bn_backward_reduce(
-    dout: Tensor,
-    y: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    out: Optional[Tensor],
-    relu: bool,
-    sample_scale: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale) -> Tuple[Tensor, Tensor]:
     g = _masked_grad(dout, y, scale, shift, out, relu, sample_scale)
     xhat = (y.to(g.dtype) - _c(mean)) * _c(invstd)
     return g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
 
 
-def bn_backward_apply(
-    dout: Tensor,
-    y: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    out: Optional[Tensor],
-    relu: bool,
-    sample_scale: Optional[Tensor],
-    sum_g: Tensor,
-    sum_gx: Tensor,
-) -> Tensor:
+def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx) -> Tensor:
     g = _masked_grad(dout, y, scale, shift, out, relu, sample_scale)
     m = y.numel() // y.shape[1]
     a = scale
@@ -303,23 +247,8 @@ def bn_apply_relu(dh: Tensor, y: Tensor, scale: Tensor, shift: Tensor, coefs: Te
 
 
 def bn_apply_conv_backward(
-    dh: Tensor,
-    y: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    coefs: Tensor,
-    weight: Tensor,
-    x: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    need_dx: bool,
-    need_dw: bool,
-    dx_add: Optional[Tensor] = None,
+    dh, y, scale, shift, coefs, weight, x, in_scale, in_shift, in_relu, stride, padding, dilation, groups, need_dx,
+    need_dw, dx_add=None
 ) -> Tuple[Tensor, Tensor]:
     dy = bn_apply_relu(dh, y, scale, shift, coefs)
     dx = (
@@ -335,20 +264,11 @@ def bn_apply_conv_backward(
     return dx, dw
 
 
-def act_grad(dout: Tensor, out: Tensor) -> Tensor:
+def act_grad(dout, out) -> Tensor:
     return torch.where(out <= 0, torch.zeros_like(dout), dout)
 
 
-def conv_dgrad(
-    dy: Tensor,
-    weight: Tensor,
-    input_shape: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    dx_add: Optional[Tensor] = None,
-) -> Tensor:
+def conv_dgrad(dy, weight, input_shape, stride, padding, dilation, groups, dx_add=None) -> Tensor:
     dummy = dy.new_empty(1).expand(input_shape)
     dx = torch.ops.aten.convolution_backward(
         dy, dummy, weight, None, stride, padding, dilation, False, [0, 0], groups, (True, False, False)
@@ -357,18 +277,7 @@ def conv_dgrad(
     return dx if dx_add is None else dx + dx_add
 
 
-def conv_wgrad(
-    dy: Tensor,
-    x: Tensor,
-    in_scale: Optional[Tensor],
-    in_shift: Optional[Tensor],
-    in_relu: bool,
-    weight_shape: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-) -> Tensor:
+def conv_wgrad(dy, x, in_scale, in_shift, in_relu, weight_shape, stride, padding, dilation, groups) -> Tensor:
     h = prologue(x, in_scale, in_shift, in_relu)
     dummy = dy.new_empty(1).expand(weight_shape)
     dw = torch.ops.aten.convolution_backward(
