@@ -55,7 +55,9 @@ def _extensions():
     force = _flag("FUSEDRES_FORCE_CUDA")
     with_cuda = force or (torch.version.cuda is not None and CUDA_HOME is not None)
     std = "-std=" + os.environ.get("FUSEDRES_CXX_STD", "c++17")
-    cpu_sources = ["csrc/bindings.cpp", "csrc/conv_bindings.cpp", "csrc/kernels/bn_cpu.cpp"]
+    cpu_sources = [
+        "csrc/bindings.cpp", "csrc/conv_bindings.cpp", "csrc/kernels/bn_cpu.cpp", "csrc/kernels/pool_cpu.cpp"
+    ]
     cxx = ["-O3", std, "-fno-trapping-math"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")])
     if force and (torch.version.cuda is None or CUDA_HOME is None):

@@ -7,6 +7,7 @@
 
 #include "bindings.h"
 #include "kernels/bn_cpu.h"
+#include "kernels/pool_cpu.h"
 
 namespace fusedres {
 namespace {
@@ -195,6 +196,49 @@ void relu_cpu_op(at::Tensor& x) {
   });
 }
 
+// max_pool2d (dilation 1, floor mode) of a channels_last-contiguous input, optionally of
+// relu(input); no indices. The output is channels_last.
+at::Tensor max_pool2d_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                             at::IntArrayRef padding, bool relu) {
+  constexpr const char* op = "fusedres_ext::max_pool2d";
+  FUSEDRES_CHECK_ARG(x.dim() == 4, op, "x", "must be 4-D (N, C, H, W), got shape ", x.sizes());
+  check_storage(op, "x", x);
+  FUSEDRES_CHECK_ARG(x.is_contiguous(at::MemoryFormat::ChannelsLast), op, "x",
+                     "must be channels_last-contiguous, got strides ", x.strides());
+  FUSEDRES_CHECK_ARG(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op, "kernel_size",
+                     "stride and padding must have two elements each");
+  MaxPoolParams p;
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.h = x.size(2);
+  p.w = x.size(3);
+  p.kh = kernel_size[0];
+  p.kw = kernel_size[1];
+  p.sh = stride[0];
+  p.sw = stride[1];
+  p.ph = padding[0];
+  p.pw = padding[1];
+  p.relu = relu;
+  FUSEDRES_CHECK_ARG(p.kh > 0 && p.kw > 0, op, "kernel_size", "must be positive, got ", kernel_size);
+  FUSEDRES_CHECK_ARG(p.sh > 0 && p.sw > 0, op, "stride", "must be positive, got ", stride);
+  FUSEDRES_CHECK_ARG(p.ph >= 0 && p.pw >= 0 && 2 * p.ph <= p.kh && 2 * p.pw <= p.kw, op, "padding",
+                     "must be between 0 and half the kernel size, got ", padding, " for kernel_size ", kernel_size);
+  p.p = (p.h + 2 * p.ph - p.kh) / p.sh + 1;
+  p.q = (p.w + 2 * p.pw - p.kw) / p.sw + 1;
+  FUSEDRES_CHECK_ARG(p.p > 0 && p.q > 0, op, "x", "is too small for the window: input ", x.sizes(),
+                     ", kernel_size ", kernel_size, ", padding ", padding);
+  at::Tensor y = at::empty({p.n, p.c, p.p, p.q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  dispatch_storage<Half, BFloat16>(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    const T* src = static_cast<const T*>(x.const_data_ptr());
+    T* dst = static_cast<T*>(y.mutable_data_ptr());
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.q * p.c));
+    at::parallel_for(0, p.n * p.p, grain, [&](int64_t b, int64_t e) { max_pool_nhwc_cpu<T>(src, dst, p, b, e); });
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace fusedres
 
@@ -215,6 +259,7 @@ TORCH_LIBRARY(fusedres_ext, m) {
   m.def("bn_apply_relu(Tensor dh, Tensor y, Tensor scale, Tensor shift, Tensor coefs) -> Tensor");
   m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
   m.def("relu_(Tensor(a!) x) -> ()");
+  m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
@@ -226,6 +271,7 @@ TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
   m.impl("bn_apply_relu", &fusedres::bn_apply_relu_cpu_op);
   m.impl("act_grad", &fusedres::act_grad_cpu_op);
   m.impl("relu_", &fusedres::relu_cpu_op);
+  m.impl("max_pool2d", &fusedres::max_pool2d_cpu_op);
 }
 
 // ------------------------------------------------------------------ Python module

@@ -48,6 +48,12 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
 ``torch.ops.fusedres_ext.act_grad(dout, out)``
     -> dout where out > 0, else 0 (NaN out keeps dout); any shape, out in dout's dtype; the
     result follows dout's layout rule.
+
+``torch.ops.fusedres_ext.max_pool2d(x, kernel_size, stride, padding, relu)`` (CPU)
+    -> torch.nn.functional.max_pool2d(relu(x) if relu else x, kernel_size, stride, padding)
+    bit for bit (dilation 1, floor mode; a NaN in a window wins, with its payload), in one
+    pass and without the int64 indices ATen's CPU max-pool always writes; x
+    channels_last-contiguous, the output channels_last.
 """
 
 from __future__ import annotations
@@ -193,6 +199,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedres_ext::relu_")
     def _relu_fake(x):
         return None
+
+    @torch.library.register_fake("fusedres_ext::max_pool2d")
+    def _max_pool2d_fake(x, kernel_size, stride, padding, relu):
+        n, c, h, w = x.shape
+        p = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+        q = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+        return torch.empty((n, c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     from .backends import _cutlass  # the convolution ops' fakes live with their Python side
 

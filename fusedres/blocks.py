@@ -433,6 +433,56 @@ class FusedStage(nn.Sequential):
         return x
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same arguments, repr and behaviour) whose evaluation forward on a
+    channels_last CPU tensor runs the extension's one-pass kernel (``fusedres_ext::max_pool2d``:
+    PyTorch's values bit for bit, NaN included, without the int64 indices ATen's CPU max-pool
+    always writes); every other call is ``nn.MaxPool2d``'s. :meth:`relu_then_pool` is
+    ``max_pool2d(relu(x))`` in that same pass (the ResNet stem's ReLU)."""
+
+    def _native(self, x: Tensor) -> bool:
+        from . import _ext
+        from .ops import unobserved
+
+        return (
+            unobserved(x)
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and x.dtype in _POOL_DTYPES
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()  # strictly channels_last: the output layout PyTorch gives
+            and self.dilation in (1, (1, 1))
+            and not self.ceil_mode
+            and not self.return_indices
+            and _ext.load() is not None
+        )
+
+    def _args(self):
+        return [_pair(self.kernel_size), _pair(self.stride or self.kernel_size), _pair(self.padding)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        proxy = leaf_call(self, x)
+        if proxy is not None:
+            return proxy
+        if self._native(x):
+            return torch.ops.fusedres_ext.max_pool2d(x, *self._args(), False)
+        return super().forward(x)
+
+    def relu_then_pool(self, x: Tensor) -> Tensor:
+        """``self(torch.relu(x))`` computed in one pass where the kernel takes x (this
+        module's hooks are not run: the caller checks it has none)."""
+        if self._native(x):
+            return torch.ops.fusedres_ext.max_pool2d(x, *self._args(), True)
+        return super().forward(torch.relu(x))
+
+
+_POOL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
 # --------------------------------------------------------------------------- runs in nn.Sequential
 
 

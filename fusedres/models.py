@@ -22,9 +22,10 @@ from torch import Tensor
 from . import backends
 from ._fx import is_proxy
 from .blocks import (
-    BasicBlock, Bottleneck, FusedStage, PadShortcut, PreActBasicBlock, _not_scriptable, conv1x1, conv3x3,
+    BasicBlock, Bottleneck, FusedStage, MaxPool2d, PadShortcut, PreActBasicBlock, _donation_allowed, _not_scriptable,
+    conv1x1, conv3x3,
 )
-from .functional import residual_block
+from .functional import is_bn_relu, residual_block
 
 __all__ = [
     "ResNet",
@@ -104,7 +105,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
@@ -147,16 +148,39 @@ class ResNet(nn.Module):
             )
         return FusedStage(*layers)
 
+    def _pool_takes_relu(self, x: Tensor) -> bool:
+        """An evaluation forward nothing observes on a channels_last CPU tensor, with the
+        stem's max-pool this package's (no hooks on it, none global) and its BatchNorm a plain
+        one: the ReLU can run in the max-pool's pass (on other devices it stays in the
+        convolution's epilogue)."""
+        pool = self.maxpool
+        return (
+            x.device.type == "cpu"
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+            and isinstance(pool, MaxPool2d)
+            and not (pool._forward_hooks or pool._forward_pre_hooks)
+            and not is_bn_relu(self.bn1)
+            and _donation_allowed(x)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):
             # torch.fx symbolic tracing: the stem as torchvision's three nodes (conv1, bn1,
-            # relu; graph node names as in torchvision), the blocks as one node each
-            x = self.relu(self.bn1(self.conv1(x)))
+            # relu; graph node names as in torchvision) and the max-pool, the blocks as one node each
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        elif self._pool_takes_relu(x):
+            # the stem's ReLU in the max-pool's pass (bit for bit relu then max-pool)
+            x = residual_block(
+                x, [self.conv1], [self.bn1], shortcut="none", relu=False, backend=self.backend, name="ResNet stem"
+            )
+            x = self.maxpool.relu_then_pool(x)
         else:
             x = residual_block(
                 x, [self.conv1], [self.bn1], shortcut="none", backend=self.backend, name="ResNet stem"
             )
-        x = self.maxpool(x)
+            x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

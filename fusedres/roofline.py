@@ -198,7 +198,8 @@ def structure(model: str, batch: int, resolution: int) -> Tuple[Item, ...]:
             if isinstance(mod, PadShortcut):
                 stack[-1]["pad"] = True
             return
-        kind = {nn.MaxPool2d: "maxpool", nn.AdaptiveAvgPool2d: "avgpool", nn.Linear: "fc"}[type(mod)]
+        kind = next(k for t, k in ((nn.MaxPool2d, "maxpool"), (nn.AdaptiveAvgPool2d, "avgpool"), (nn.Linear, "fc"))
+                    if isinstance(mod, t))
         w = mod.weight.numel() if kind == "fc" else 0
         b = mod.bias.numel() if kind == "fc" and mod.bias is not None else 0
         items.append(Op(names[mod], kind, args[0].numel(), out.numel(), args[0].shape[0], w, b))

@@ -1,0 +1,147 @@
+#include "pool_cpu.h"
+
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+// The pooling loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at
+// load time (GCC function multiversioning on x86-64): their selects and 16-bit conversions
+// vectorise poorly with SSE2 alone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSEDRES_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FUSEDRES_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDRES_ISA_CLONES
+#define FUSEDRES_INLINE inline
+#endif
+
+namespace fusedres {
+namespace {
+
+// One output pixel's C channels: the maximum over the window's nr x ns valid taps, x at the
+// first of them. PyTorch's rule: a larger value or a NaN replaces the maximum so far.
+
+// float, double: the maximum is the element itself (its bits, a NaN's payload included)
+template <bool RELU, typename F>
+FUSEDRES_INLINE void pool_pixel(const F* __restrict x, F* __restrict dst, int64_t nc, int64_t row_stride, int64_t nr, int64_t ns) {
+  for (int64_t c = 0; c < nc; ++c) dst[c] = -std::numeric_limits<F>::infinity();
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t s = 0; s < ns; ++s) {
+      const F* __restrict src = x + r * row_stride + s * nc;
+      for (int64_t c = 0; c < nc; ++c) {
+        F f = src[c];
+        if constexpr (RELU) f = f < F(0) ? F(0) : f;  // torch.relu: -0 and NaN stay
+        const F d = dst[c];
+        const F larger = f > d ? f : d;  // (two selects, not one on an or: that form vectorises)
+        dst[c] = f != f ? f : larger;
+      }
+    }
+  }
+}
+
+// 16-bit storage: compared as float (exact), the winning bit pattern copied
+template <bool RELU, typename Decode>
+FUSEDRES_INLINE void pool_pixel_16(const uint16_t* __restrict x, uint16_t* __restrict dst, float* __restrict best, int64_t nc,
+                   int64_t row_stride, int64_t nr, int64_t ns, uint16_t lowest, Decode decode) {
+  for (int64_t c = 0; c < nc; ++c) best[c] = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < nc; ++c) dst[c] = lowest;
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t s = 0; s < ns; ++s) {
+      const uint16_t* __restrict src = x + r * row_stride + s * nc;
+      for (int64_t c = 0; c < nc; ++c) {
+        uint16_t u = src[c];
+        float f = decode(u);
+        if constexpr (RELU) {
+          const bool neg = f < 0.0f;
+          u = neg ? uint16_t(0) : u;  // +0 in both 16-bit formats
+          f = neg ? 0.0f : f;
+        }
+        const float b = best[c];
+        const uint16_t ub = dst[c];
+        const bool gt = f > b, nan = f != f;
+        const float larger = gt ? f : b;
+        const uint16_t larger_u = gt ? u : ub;
+        best[c] = nan ? f : larger;
+        dst[c] = nan ? u : larger_u;
+      }
+    }
+  }
+}
+
+inline float decode_bf16(uint16_t u) { return detail::bits_float(static_cast<uint32_t>(u) << 16); }
+inline float decode_half(uint16_t u) { return to_float(Half{u}); }
+
+template <bool RELU, typename T>
+FUSEDRES_INLINE void pool_pixel_any(const T* x, T* dst, float* best, int64_t nc, int64_t row_stride, int64_t nr, int64_t ns) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    pool_pixel_16<RELU>(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(dst), best, nc,
+                        row_stride, nr, ns, uint16_t(0xff80u), decode_bf16);
+  } else if constexpr (std::is_same_v<T, Half>) {
+    pool_pixel_16<RELU>(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(dst), best, nc,
+                        row_stride, nr, ns, uint16_t(0xfc00u), decode_half);
+  } else {
+    (void)best;
+    pool_pixel<RELU>(x, dst, nc, row_stride, nr, ns);
+  }
+}
+
+template <typename T>
+FUSEDRES_INLINE void max_pool_rows(const T* x, T* y, const MaxPoolParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t nc = p.c, h = p.h, w = p.w, np = p.p, nq = p.q;
+  const int64_t kh = p.kh, kw = p.kw, sh = p.sh, sw = p.sw, ph = p.ph, pw = p.pw;
+  const int64_t row_stride = w * nc;
+  std::vector<float> best(nc);  // 16-bit storage: the maximum as float
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / np, op = row % np;
+    const int64_t ih0 = op * sh - ph;
+    const int64_t r0 = ih0 < 0 ? -ih0 : 0, r1 = ih0 + kh > h ? h - ih0 : kh;
+    for (int64_t oq = 0; oq < nq; ++oq) {
+      const int64_t iw0 = oq * sw - pw;
+      const int64_t s0 = iw0 < 0 ? -iw0 : 0, s1 = iw0 + kw > w ? w - iw0 : kw;
+      T* dst = y + ((n * np + op) * nq + oq) * nc;
+      // the window's first valid tap (padding <= kernel/2 leaves every window one)
+      const T* first = x + ((n * h + ih0 + r0) * w + iw0 + s0) * nc;
+      if (p.relu) {
+        pool_pixel_any<true>(first, dst, best.data(), nc, row_stride, r1 - r0, s1 - s0);
+      } else {
+        pool_pixel_any<false>(first, dst, best.data(), nc, row_stride, r1 - r0, s1 - s0);
+      }
+    }
+  }
+}
+
+FUSEDRES_ISA_CLONES void max_pool_f32(const float* x, float* y, const MaxPoolParams& p, int64_t b, int64_t e) {
+  max_pool_rows(x, y, p, b, e);
+}
+FUSEDRES_ISA_CLONES void max_pool_f64(const double* x, double* y, const MaxPoolParams& p, int64_t b, int64_t e) {
+  max_pool_rows(x, y, p, b, e);
+}
+FUSEDRES_ISA_CLONES void max_pool_f16(const Half* x, Half* y, const MaxPoolParams& p, int64_t b, int64_t e) {
+  max_pool_rows(x, y, p, b, e);
+}
+FUSEDRES_ISA_CLONES void max_pool_bf16(const BFloat16* x, BFloat16* y, const MaxPoolParams& p, int64_t b,
+                                       int64_t e) {
+  max_pool_rows(x, y, p, b, e);
+}
+
+}  // namespace
+
+template <typename T>
+void max_pool_nhwc_cpu(const T* x, T* y, const MaxPoolParams& p, int64_t row_begin, int64_t row_end) {
+  if constexpr (std::is_same_v<T, float>) {
+    max_pool_f32(x, y, p, row_begin, row_end);
+  } else if constexpr (std::is_same_v<T, double>) {
+    max_pool_f64(x, y, p, row_begin, row_end);
+  } else if constexpr (std::is_same_v<T, Half>) {
+    max_pool_f16(x, y, p, row_begin, row_end);
+  } else {
+    max_pool_bf16(x, y, p, row_begin, row_end);
+  }
+}
+
+template void max_pool_nhwc_cpu<float>(const float*, float*, const MaxPoolParams&, int64_t, int64_t);
+template void max_pool_nhwc_cpu<double>(const double*, double*, const MaxPoolParams&, int64_t, int64_t);
+template void max_pool_nhwc_cpu<Half>(const Half*, Half*, const MaxPoolParams&, int64_t, int64_t);
+template void max_pool_nhwc_cpu<BFloat16>(const BFloat16*, BFloat16*, const MaxPoolParams&, int64_t, int64_t);
+
+}  // namespace fusedres
