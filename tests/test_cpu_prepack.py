@@ -47,6 +47,39 @@ def test_prepacked_inference_matches_reference(make, channels_last):
     assert (len(CpuBackend._packed) > 0) == channels_last, "packing should happen for channels_last only"
 
 
+def test_one_pixel_activations_are_packed_too():
+    """A small image leaves layer4 with 1x1 activations, which are NCHW- and NHWC-contiguous at
+    once; with NHWC strides every frozen convolution still gets its packed weight (unpacked,
+    such a conv ran ten times slower) and the result is the unfrozen model's bit for bit."""
+    model = _small_resnet("resnet18")
+    want_model = copy.deepcopy(model)
+    fusedres.freeze(model)
+    CpuBackend._packed.clear()
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)  # layer4: 1x1
+    with torch.no_grad():
+        got, want = model(x), want_model(x)
+    assert torch.equal(got, want)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(CpuBackend._packed) == len(convs), "a frozen convolution ran on an unpacked weight"
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_channels_last_strides_rule_is_atens(fmt):
+    """The backend's reading of an ambiguous tensor's layout is Tensor.suggest_memory_format's."""
+    from torch._prims_common import suggest_memory_format
+
+    from fusedres.backends.cpu import _nhwc_strides
+
+    seen = 0
+    for shape in [(n, c, h, w) for n in (1, 2) for c in (1, 2, 5) for h in (1, 3) for w in (1, 3)]:
+        t = torch.empty(shape).contiguous(memory_format=fmt)
+        for v in (t, t[:, :, :, :1], t[:, :, :1, :]):
+            if v.is_contiguous(memory_format=torch.channels_last):
+                seen += 1
+                assert _nhwc_strides(v) == (suggest_memory_format(v) == torch.channels_last), (shape, v.stride())
+    assert seen > 20
+
+
 def test_weight_update_invalidates_the_packed_copy():
     model, ref = _pair(fusedres.BasicBlock(6, 6))
     fusedres.freeze(model)

@@ -13,6 +13,26 @@ from ._extension import _ExtensionBackend, _names
 from ._registry import record_fallback, register
 
 
+def _nhwc_strides(x) -> bool:
+    """Whether ATen and oneDNN take ``x`` for a channels_last tensor: channels_last-contiguous
+    and, where that is ambiguous (x contiguous too: 1x1 spatial or one channel), with strides
+    of the channels_last pattern (``Tensor.suggest_memory_format``'s rule: walking C, W, H, N,
+    each stride at least the extent of the one before)."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not x.is_contiguous():
+        return True
+    size, stride = x.shape, x.stride()
+    if stride[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if size[d] == 0 or stride[d] < least or (d == 0 and least == stride[1]):
+            return False
+        least = stride[d] * (size[d] if size[d] > 1 else 1)
+    return True
+
+
 @register(auto={"cpu": 0})
 class CpuBackend(_ExtensionBackend):
     """C++ CPU kernels from ``fusedres._C``; inference convolutions as one oneDNN call with
@@ -50,8 +70,10 @@ class CpuBackend(_ExtensionBackend):
         speed: a frozen folded weight (any other tensor may be edited behind its version
         counter, or be a buffer that torch.compile reuses) and a channels_last input (for
         NCHW inputs oneDNN's blocked kernel accumulates in another order than ATen's NCHW
-        convolution, so the packed path would not give eager PyTorch's numerics)."""
-        if not _frozen.is_frozen_weight(weight) or reference.memory_format(x) != torch.channels_last:
+        convolution, so the packed path would not give eager PyTorch's numerics). A tensor
+        that is both (1x1 spatial, as in layer4 of a small image) counts as channels_last
+        when its strides say so, as oneDNN reads it: packing it changes no bit either."""
+        if not _frozen.is_frozen_weight(weight) or not _nhwc_strides(x):
             return weight
         key = (tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
         per_weight = cls._packed.setdefault(weight, {})
@@ -82,7 +104,9 @@ class CpuBackend(_ExtensionBackend):
             return reference.conv_bias_act(
                 x, weight, bias, residual, in_scale, in_shift, in_relu, stride, padding, dilation, groups, relu
             )
-        fmt = reference.memory_format(x)
+        # (an x both NCHW- and NHWC-contiguous keeps the NHWC strides it came with, so that
+        # the next convolution is packed too)
+        fmt = torch.channels_last if _nhwc_strides(x) else reference.memory_format(x)
         x = x.contiguous(memory_format=fmt)
         b = None if bias is None else bias.to(x.dtype)
         w = cls._prepacked(weight, x, stride, padding, dilation, groups)
