@@ -122,13 +122,26 @@ def _conv_fusable(conv: nn.Module) -> Optional[str]:
 _FROZEN_BN_CLASSES = (("torchvision.ops.misc", "FrozenBatchNorm2d"),)
 
 
+def _own_forward_of(cls, names) -> bool:
+    """``cls`` is one of the (module, class name) pairs ``names`` and runs its own forward
+    (not one a subclass or a patch replaced). Asked on every block call: the answer is kept
+    per (class, forward function)."""
+    key = (cls, cls.forward, names)
+    hit = _CLASS_TESTS.get(key)
+    if hit is None:
+        hit = (cls.__module__, cls.__name__) in names and cls.forward.__qualname__ == f"{cls.__name__}.forward"
+        _CLASS_TESTS[key] = hit
+    return hit
+
+
+_CLASS_TESTS: dict = {}
+
+
 def is_frozen_bn(m: nn.Module) -> bool:
     """torchvision's ``FrozenBatchNorm2d`` (also the one timm uses), with its own forward: a
     constant per-channel affine from its buffers, in training as in evaluation."""
     cls = type(m)
-    return (cls.__module__, cls.__name__) in _FROZEN_BN_CLASSES and cls.forward.__qualname__ == (
-        f"{cls.__name__}.forward"
-    )
+    return cls is not nn.BatchNorm2d and _own_forward_of(cls, _FROZEN_BN_CLASSES)
 
 
 _BN_RELU_CLASSES = (("timm.layers.norm_act", "BatchNormAct2d"),)
@@ -140,8 +153,8 @@ def is_bn_relu(m: nn.Module) -> bool:
     statistics, running-statistic update and ``num_batches_tracked`` count)."""
     cls = type(m)
     return (
-        (cls.__module__, cls.__name__) in _BN_RELU_CLASSES
-        and cls.forward.__qualname__ == f"{cls.__name__}.forward"
+        cls is not nn.BatchNorm2d
+        and _own_forward_of(cls, _BN_RELU_CLASSES)
         and type(getattr(m, "act", None)) is nn.ReLU
         and type(getattr(m, "drop", None)) is nn.Identity
     )
@@ -195,7 +208,7 @@ def _hooked(mods: Sequence[nn.Module]) -> Optional[str]:
     hook: the fused path never calls the submodules, so their hooks (and what relies on
     them: pruning, forward-pre-hook parametrisations, activation capture) would not run."""
     for m in mods:
-        for sub in m.modules():
+        for sub in (m.modules() if m._modules else (m,)):
             for d in _HOOK_DICTS:
                 if getattr(sub, d, None):
                     return f"{type(sub).__name__} carries a {d[1:-1].replace('_', ' ')}"
@@ -210,7 +223,19 @@ def _batch_stats(bn: nn.BatchNorm2d) -> bool:
 
 
 def _geom(conv: nn.Conv2d) -> ConvGeom:
-    return ConvGeom(_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), conv.groups)
+    raw = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    try:
+        return _GEOMS[raw]
+    except (KeyError, TypeError):  # a new geometry, or unhashable attributes (lists)
+        g = ConvGeom(_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), conv.groups)
+        try:
+            _GEOMS[raw] = g
+        except TypeError:
+            pass
+        return g
+
+
+_GEOMS: dict = {}
 
 
 def _out_hw(h: int, w: int, g: ConvGeom, k: Tuple[int, int]) -> Tuple[int, int]:
@@ -234,9 +259,12 @@ def _check_devices(x: Tensor, mods: Sequence[nn.Module], name: str) -> None:
     dev = x.device
     for m in mods:
         # the module's own tensors (named_parameters(recurse=False) and named_buffers(recurse=False))
-        for pname, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is not None and t.device != dev:
-                raise RuntimeError(f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}")
+        for tensors in (m._parameters, m._buffers):
+            for pname, t in tensors.items():
+                if t is not None and t.device != dev:
+                    raise RuntimeError(
+                        f"{name}: input is on {x.device} but {type(m).__name__}.{pname} is on {t.device}"
+                    )
 
 
 def _check_dtypes(chain: "_Chain", dtype: torch.dtype, name: str) -> None:
@@ -323,31 +351,24 @@ def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -
 _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _tensor_key(t: Optional[Tensor]):
-    if t is None:
-        return None
-    # inference tensors (made under torch.inference_mode) have no version counter
-    version = -1 if t.is_inference() else t._version
-    return (t, version, t.data_ptr(), t.device, t.dtype)
-
-
 def _fold_key(conv, bn, dtype):
-    ts = [conv.weight]
-    if bn is not None:
-        ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tuple(_tensor_key(t) for t in ts), (dtype, None if bn is None else bn.eps)
+    """(the tensors folded, a stamp of their state): each tensor's version, storage, device
+    and dtype, the target dtype and eps."""
+    ts = (conv.weight,) if bn is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    stamp = [dtype, None if bn is None else bn.eps]
+    for t in ts:
+        if t is None:
+            stamp.append(None)
+        else:
+            # inference tensors (made under torch.inference_mode) have no version counter
+            stamp += (-1 if t.is_inference() else t._version, t.data_ptr(), t.device, t.dtype)
+    return ts, tuple(stamp)
 
 
 def _same_key(a, b) -> bool:
-    (ta, ra), (tb, rb) = a, b
-    if ra != rb or len(ta) != len(tb):
-        return False
-    for ea, eb in zip(ta, tb):
-        if (ea is None) != (eb is None):
-            return False
-        if ea is not None and (ea[0] is not eb[0] or ea[1:] != eb[1:]):
-            return False
-    return True
+    """The same tensors (by identity) in the same state."""
+    (ta, sa), (tb, sb) = a, b
+    return sa == sb and len(ta) == len(tb) and all(x is y for x, y in zip(ta, tb))
 
 
 def _needs_param_grad(*mods) -> bool:

@@ -63,6 +63,27 @@ def test_one_pixel_activations_are_packed_too():
     assert len(CpuBackend._packed) == len(convs), "a frozen convolution ran on an unpacked weight"
 
 
+def test_frozen_16bit_forward_casts_no_bias():
+    """The folded float32 bias in the activations' dtype is kept with the packed weight: a
+    frozen bfloat16 forward casts no per-channel vector, and equals an unfrozen one."""
+    if torch.bfloat16 not in CpuBackend._onednn_dtypes():
+        pytest.skip("oneDNN has no bfloat16 convolution on this CPU")
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _small_resnet("resnet18")
+    want_model = copy.deepcopy(model)
+    fusedres.freeze(model)
+    x = torch.randn(2, 3, 40, 36).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            got = model(x)
+        want = want_model(x)
+    casts = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy" and len(e.input_shapes[0]) == 1]
+    assert casts == []
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_channels_last_strides_rule_is_atens(fmt):
     """The backend's reading of an ambiguous tensor's layout is Tensor.suggest_memory_format's."""

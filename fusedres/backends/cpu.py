@@ -65,27 +65,31 @@ class CpuBackend(_ExtensionBackend):
     _packed = WeakIdKeyDictionary()
 
     @classmethod
-    def _prepacked(cls, weight, x, stride, padding, dilation, groups):
-        """The weight in oneDNN's blocked layout for this conv where that changes nothing but
-        speed: a frozen folded weight (any other tensor may be edited behind its version
+    def _prepacked(cls, weight, bias, x, stride, padding, dilation, groups):
+        """(weight, bias in x's dtype), the weight in oneDNN's blocked layout for this conv
+        where that changes nothing but speed: a frozen folded weight (any other tensor may be edited behind its version
         counter, or be a buffer that torch.compile reuses) and a channels_last input (for
         NCHW inputs oneDNN's blocked kernel accumulates in another order than ATen's NCHW
         convolution, so the packed path would not give eager PyTorch's numerics). A tensor
         that is both (1x1 spatial, as in layer4 of a small image) counts as channels_last
         when its strides say so, as oneDNN reads it: packing it changes no bit either."""
         if not _frozen.is_frozen_weight(weight) or not _nhwc_strides(x):
-            return weight
+            return weight, None if bias is None else bias.to(x.dtype)
         key = (tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
         per_weight = cls._packed.setdefault(weight, {})
         packed = per_weight.get(key)
-        if packed is None:
+        # the bias in x's dtype is kept beside it: the frozen fold made it with the weight and
+        # never writes it either (checked by identity, version and storage all the same)
+        stamp = None if bias is None else (-1 if bias.is_inference() else bias._version, bias.data_ptr())
+        if packed is None or packed[1] is not bias or packed[2] != stamp:
             if len(per_weight) >= 8:  # a new input shape: bound the copies kept per weight
                 per_weight.clear()
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w = packed[0] if packed is not None else torch.ops.mkldnn._reorder_convolution_weight(
                 weight, list(padding), list(stride), list(dilation), groups, list(x.shape)
             )
+            packed = (w, bias, stamp, None if bias is None else bias.to(x.dtype))
             per_weight[key] = packed
-        return packed
+        return packed[0], packed[3]
 
     # conv_bias_act(..., residual_owned=True): the residual may be overwritten (see below)
     accepts_owned_residual = True
@@ -108,8 +112,7 @@ class CpuBackend(_ExtensionBackend):
         # the next convolution is packed too)
         fmt = torch.channels_last if _nhwc_strides(x) else reference.memory_format(x)
         x = x.contiguous(memory_format=fmt)
-        b = None if bias is None else bias.to(x.dtype)
-        w = cls._prepacked(weight, x, stride, padding, dilation, groups)
+        w, b = cls._prepacked(weight, bias, x, stride, padding, dilation, groups)
         pw = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
             y = pw(x, w, b, padding, stride, dilation, groups, "none", [], "")
