@@ -59,7 +59,7 @@ WINDOWS = [((3, 3), (2, 2), (1, 1)), ((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_max_pool_matches_torch_bit_for_bit(dtype, window, relu):
     k, s, p = window
-    for shape in [(2, 13, 17, 15), (1, 64, 9, 8), (3, 5, 4, 3)]:
+    for shape in [(2, 13, 17, 15), (1, 64, 9, 8), (3, 5, 4, 3), (1, 45, 7, 9)]:  # 45: a 32-channel chunk and a tail
         x = _specials(shape, dtype)
         got = torch.ops.fusedres_ext.max_pool2d(x, list(k), list(s), list(p), relu)
         want = F.max_pool2d(torch.relu(x) if relu else x, k, s, p)
