@@ -13,6 +13,10 @@ Only what can be proven equivalent is replaced:
 * runs ``Conv2d, BatchNorm2d[, ReLU]`` of consecutive children of an ``nn.Sequential``
   (the only container whose forward order is known): the Sequential becomes a
   ``FusedSequential`` in place, its children unmoved.
+* ``nn.MaxPool2d`` instances (a ResNet's stem pool) become ``fusedres.blocks.MaxPool2d`` in
+  place: the same module (arguments, hooks, no state), whose evaluation forward on a
+  channels_last CPU tensor is one native pass without the int64 indices ATen writes, with
+  PyTorch's values bit for bit; every other call is ``nn.MaxPool2d``'s.
 
 No module is moved or renamed, so parameter names, state_dict keys and their order are
 those of the original model, and checkpoints load both ways with ``strict=True``.
@@ -36,6 +40,7 @@ from .blocks import (
     Bottleneck,
     FusedSequential,
     FusedStage,
+    MaxPool2d,
     _TimmBlock,
     sequential_runs,
 )
@@ -101,6 +106,10 @@ def _timm_block_class(m: nn.Module):
 
 
 def _convert(module: nn.Module, prefix: str, backend: str, fuse_runs: bool, report: ConversionReport) -> nn.Module:
+    if type(module) is nn.MaxPool2d:
+        module.__class__ = MaxPool2d
+        report.replaced.append((prefix, "nn.MaxPool2d", "fusedres.MaxPool2d"))
+        return module
     kind = _tv_block_kind(module)
     if kind is not None:
         new = _adopt(module, kind, backend)

@@ -24,7 +24,9 @@ def test_convert_torchvision_model(tvr, name, train):
     fused, report = fusedres.convert(model, return_report=True)
     n_blocks = sum(type(m).__name__ in ("BasicBlock", "Bottleneck") for m in model.modules())
     stages = [r for r in report.replaced if r[2] == "fusedres.FusedStage"]
-    assert len(report.replaced) - len(stages) == n_blocks
+    pools = [r for r in report.replaced if r[2] == "fusedres.MaxPool2d"]
+    assert [p for p, _, _ in pools] == ["maxpool"] and type(fused.maxpool) is fusedres.blocks.MaxPool2d
+    assert len(report.replaced) - len(stages) - len(pools) == n_blocks
     assert [p for p, _, _ in stages] == ["layer1", "layer2", "layer3", "layer4"]
     assert all(type(getattr(fused, p)) is fusedres.FusedStage for p, _, _ in stages)
     assert list(fused.state_dict()) == list(model.state_dict())

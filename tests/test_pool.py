@@ -151,3 +151,21 @@ def test_resnet_stem_relu_in_the_pool_is_bit_for_bit(dtype):
         got2 = model(x)
         h.remove()
         assert _bits_equal(got2, want) and (seen[0].nan_to_num() >= 0).all()
+
+
+def test_convert_swaps_nn_maxpool_in_place():
+    """fusedres.convert makes a model's nn.MaxPool2d this module in place (hooks and repr
+    kept, no state): its evaluation forward then runs the native pass, with nn.MaxPool2d's
+    values bit for bit."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(3, 2, 1), nn.ReLU())
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused, report = fusedres.convert(model, return_report=True)
+    assert type(fused[1]) is MaxPool2d and repr(fused[1]) == repr(model[1])
+    assert ("1", "nn.MaxPool2d", "fusedres.MaxPool2d") in report.replaced
+    assert type(model[1]) is nn.MaxPool2d  # the copy was converted, not the original
+    x = _specials((2, 3, 13, 12), torch.float32).contiguous(memory_format=CL)
+    with torch.no_grad():
+        got, native = _ran_native(fused, x)
+        want = model(x)
+    assert native and _bits_equal(got, want) and len(seen) == 2
