@@ -797,12 +797,27 @@ def _scale_add(y, added, sample_scale, relu, backend_name):
     return ops.direct.bn_add_act(y, one, torch.zeros_like(one), added, None, None, s, relu, backend_name)
 
 
+def _fresh_output(m: nn.Module) -> bool:
+    """Whether ``m(h)`` is a new tensor that nothing else holds and autograd does not save
+    (``nn.BatchNorm2d``, ``FrozenBatchNorm2d``, ``nn.Conv2d``; no hook that could keep or
+    replace it), so a ReLU or the residual add may write it in place, as torchvision's blocks
+    do: the same values, one activation less to allocate and fill."""
+    from .blocks import _no_global_hooks
+
+    cls = type(m)
+    return (
+        (cls is nn.BatchNorm2d or cls is nn.Conv2d or is_frozen_bn(m))
+        and not m._forward_hooks
+        and _no_global_hooks()
+    )
+
+
 def _unfused(x, chain: _Chain):
     """The block's math through its own modules (fallback; also defines the semantics)."""
     sample_scale = chain.sample_scale
 
-    def scaled(h):
-        return h if sample_scale is None else h * sample_scale.view(-1, 1, 1, 1).to(h.dtype)
+    def relu_of(bn, h):
+        return F.relu(h, inplace=_fresh_output(bn))
 
     convs, bns, ds = chain.convs, chain.bns, chain.downsample
     if not chain.preact:
@@ -810,22 +825,28 @@ def _unfused(x, chain: _Chain):
         for i, (conv, bn) in enumerate(zip(convs, bns)):
             h = bn(conv(h))
             if i < len(convs) - 1:
-                h = F.relu(h)
+                h = relu_of(bn, h)
         projected = x  # what a projection is applied to
+        owned = _fresh_output(bns[-1])  # h: the last BatchNorm's own output
     else:
-        a = F.relu(bns[0](x))
+        a = relu_of(bns[0], bns[0](x))
         h = convs[0](a)
         for conv, bn in zip(convs[1:], bns[1:]):
-            h = conv(F.relu(bn(h)))
+            h = conv(relu_of(bn, bn(h)))
         projected = a
-    out = scaled(h)
+        owned = _fresh_output(convs[-1])  # h: the last convolution's own output
+    if sample_scale is not None:
+        h, owned = h * sample_scale.view(-1, 1, 1, 1).to(h.dtype), True
+    added = None
     if chain.shortcut is Shortcut.IDENTITY:
-        out = out + x
+        added = x
     elif chain.shortcut is Shortcut.PROJECT:
-        out = out + (ds.conv(projected) if ds.bn is None else ds.bn(ds.conv(projected)))
+        added = ds.conv(projected) if ds.bn is None else ds.bn(ds.conv(projected))
     elif chain.shortcut is Shortcut.TENSOR:
-        out = out + (chain.residual if chain.residual is not None else ds.module(x))
-    return F.relu(out) if chain.relu else out
+        added = chain.residual if chain.residual is not None else ds.module(x)
+    if added is not None:
+        h = h.add_(added) if owned and torch.promote_types(h.dtype, added.dtype) == h.dtype else h + added
+    return F.relu(h, inplace=owned or added is not None) if chain.relu else h
 
 
 def conv_bn_act(

@@ -132,6 +132,42 @@ def test_auto_trains_on_cpu_through_torch_nn_exactly(autocast):
     assert "trains on CPU through torch.nn" in str(ex)
 
 
+_INPLACE_OR_NOT = ("aten::relu", "aten::relu_", "aten::add", "aten::add_")
+
+
+def _activation_ops(block, x):
+    """How many of each ReLU / add op (in place or not) one training forward of ``block``
+    runs on activations (the BatchNorm's num_batches_tracked += 1 left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block(x)
+    return sorted(e.name for e in prof.events() if e.name in _INPLACE_OR_NOT and len(e.input_shapes[0]) == 4)
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_torch_nn_path_works_in_place_as_torchvision_does(kind):
+    """backend="auto" trains on CPU through the block's torch.nn modules: its ReLUs and the
+    residual add run in place on the BatchNorms' own outputs exactly where torchvision's block
+    does, with the same results; a hook that can keep a BatchNorm's output turns that off."""
+    from tv import load_torchvision_resnet
+
+    tvr = load_torchvision_resnet()
+    theirs = randomise(getattr(tvr, kind)(16, 16 // (4 if kind == "Bottleneck" else 1))).train()
+    mine = randomise(getattr(fusedres, kind)(16, 16 // (4 if kind == "Bottleneck" else 1))).train()
+    mine.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 16, 6, 5)
+    assert _activation_ops(mine, x) == _activation_ops(theirs, x)
+    assert "aten::relu_" in _activation_ops(mine, x) and "aten::relu" not in _activation_ops(mine, x)
+    torch.manual_seed(0)
+    assert torch.equal(mine(x), theirs(x))
+
+    kept = []
+    mine.bn1.register_forward_hook(lambda m, i, o: kept.append(o))
+    mine(x)
+    assert (kept[0] < 0).any(), "a hooked BatchNorm's output was overwritten by the ReLU after it"
+
+
 def test_explicit_cpu_backend_still_trains_fused_and_eval_stays_on_it():
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     fixed = fusedres.resnet18(num_classes=10, backend="cpu").to(memory_format=torch.channels_last)
