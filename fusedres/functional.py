@@ -845,7 +845,8 @@ def _unfused(x, chain: _Chain):
     elif chain.shortcut is Shortcut.TENSOR:
         added = chain.residual if chain.residual is not None else ds.module(x)
     if added is not None:
-        h = h.add_(added) if owned and torch.promote_types(h.dtype, added.dtype) == h.dtype else h + added
+        in_place = owned and added.shape == h.shape and torch.promote_types(h.dtype, added.dtype) == h.dtype
+        h = h.add_(added) if in_place else h + added
     return F.relu(h, inplace=owned or added is not None) if chain.relu else h
 
 
