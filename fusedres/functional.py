@@ -110,7 +110,7 @@ def _pair(v) -> Tuple[int, int]:
 def _conv_fusable(conv: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not nn.Conv2d"
-    if conv.bias is not None:
+    if _own(conv, "bias") is not None:
         return "conv has a bias"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}"
@@ -219,7 +219,7 @@ def _batch_stats(bn: nn.BatchNorm2d) -> bool:
     """Whether ``bn`` normalises with batch statistics (training) rather than its buffers."""
     if is_frozen_bn(bn):
         return False
-    return bn.training or bn.running_mean is None
+    return bn.training or _own(bn, "running_mean") is None
 
 
 def _geom(conv: nn.Conv2d) -> ConvGeom:
@@ -270,7 +270,7 @@ def _check_devices(x: Tensor, mods: Sequence[nn.Module], name: str) -> None:
 def _check_dtypes(chain: "_Chain", dtype: torch.dtype, name: str) -> None:
     proj = chain.projection
     for m in list(chain.convs) + ([] if proj is None else [proj.conv]):
-        if m.weight.dtype != dtype:
+        if _own(m, "weight").dtype != dtype:
             raise TypeError(
                 f"{name}: input dtype {dtype} does not match conv weight dtype {m.weight.dtype}; "
                 "convert the module with .to(dtype) or run under torch.autocast"
@@ -351,17 +351,35 @@ def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -
 _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _own(m: nn.Module, name: str):
+    """``getattr(m, name)`` for a parameter or buffer, without nn.Module.__getattr__."""
+    t = m._parameters.get(name, _MISSING)
+    if t is _MISSING:
+        t = m._buffers.get(name, _MISSING)
+    return getattr(m, name) if t is _MISSING else t
+
+
+_MISSING = object()
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
 def _fold_key(conv, bn, dtype):
-    """(the tensors folded, a stamp of their state): each tensor's version, storage, device
-    and dtype, the target dtype and eps."""
-    ts = (conv.weight,) if bn is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    """(the tensors folded, a stamp of their state): each tensor's version, data pointer and
+    dtype, the target dtype and eps. A data pointer identifies the storage because the cache
+    entry keeps the storages it folded alive (see ``folded``): no other storage can reuse
+    their addresses, so a tensor moved by ``.to()`` and back is seen too."""
+    w = _own(conv, "weight")
+    ts = (w,) if bn is None else (w,) + tuple(_own(bn, n) for n in _BN_TENSORS)
     stamp = [dtype, None if bn is None else bn.eps]
     for t in ts:
         if t is None:
             stamp.append(None)
-        else:
-            # inference tensors (made under torch.inference_mode) have no version counter
-            stamp += (-1 if t.is_inference() else t._version, t.data_ptr(), t.device, t.dtype)
+            continue
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) have none
+            version = -1
+        stamp += (version, t.data_ptr(), t.dtype)
     return ts, tuple(stamp)
 
 
@@ -401,7 +419,8 @@ def folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) ->
         w, b = fold_bn(conv, bn, dtype)
     # a private copy, never written: a backend may cache a re-layout of it by identity
     w = _frozen.mark(w.clone() if w is conv.weight else w)
-    _FOLD_CACHE[conv] = (key, (w, b))
+    storages = tuple(t.untyped_storage() for t in key[0] if t is not None)  # kept alive: see _fold_key
+    _FOLD_CACHE[conv] = (key, (w, b), storages)
     return w, b
 
 
@@ -414,9 +433,10 @@ def freeze(model: nn.Module) -> nn.Module:
     block of ``model`` (and the cpu backend's oneDNN-packed copies of them) instead of
     folding on every call. This is a promise that the weights do not change while frozen:
     edits that bump version counters (in-place ops, ``copy_``, ``load_state_dict``) or
-    move tensors (``.to()``) are still seen, edits through ``.data`` are not. A training-mode
-    forward of a block unfreezes it; :func:`unfreeze` unfreezes the whole model. Returns
-    ``model`` (in place)."""
+    move tensors (``.to()``) are still seen, edits through ``.data`` are not. The cache holds
+    the storages it folded from until the next forward after they change (so that a moved
+    tensor can never be mistaken for them). A training-mode forward of a block unfreezes it;
+    :func:`unfreeze` unfreezes the whole model. Returns ``model`` (in place)."""
     for conv in _model_convs(model):
         _frozen.CONVS.add(conv)
     return model
@@ -473,7 +493,7 @@ def _split_downsample(downsample, preact: bool) -> Union[Projection, ModuleShort
     return ModuleShortcut(downsample)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class _Chain:
     """One block call, described once and read by every path (fused training, fused
     evaluation, the torch.nn modules): the modules in order and what is added before the

@@ -115,6 +115,25 @@ def test_weight_update_invalidates_the_packed_copy():
     assert_close(after, want, atol=1e-5, rtol=1e-5, name="output after the weight update")
 
 
+def test_a_round_trip_through_to_is_seen():
+    """.to(bfloat16).to(float32) leaves the weights rounded, at the same version, in a new
+    storage that could take the address the fold was made from: the frozen cache keeps its
+    storages alive, so the data pointer still tells the round trip apart."""
+    torch.manual_seed(0)
+    model, ref = _pair(fusedres.BasicBlock(6, 6))
+    fusedres.freeze(model)
+    x = torch.randn(2, 6, 8, 8).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        with torch.no_grad():
+            model(x)
+        for m in (model, ref):
+            for p in m.parameters():
+                p.data.mul_(1.0 + 2.0 ** -5)  # off the bfloat16 grid again
+            m.to(torch.bfloat16).to(torch.float32)
+        with torch.no_grad():
+            assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5, name="output after the round trip")
+
+
 def test_no_packing_when_gradients_are_needed():
     model, ref = _pair(fusedres.BasicBlock(6, 6))
     fusedres.freeze(model)
