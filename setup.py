@@ -56,7 +56,8 @@ def _extensions():
     with_cuda = force or (torch.version.cuda is not None and CUDA_HOME is not None)
     std = "-std=" + os.environ.get("FUSEDRES_CXX_STD", "c++17")
     cpu_sources = [
-        "csrc/bindings.cpp", "csrc/conv_bindings.cpp", "csrc/kernels/bn_cpu.cpp", "csrc/kernels/pool_cpu.cpp"
+        "csrc/bindings.cpp", "csrc/conv_bindings.cpp", "csrc/kernels/bn_cpu.cpp", "csrc/kernels/pool_cpu.cpp",
+        "csrc/kernels/fold_cpu.cpp",
     ]
     cxx = ["-O3", std, "-fno-trapping-math"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")])

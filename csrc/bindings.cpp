@@ -7,6 +7,7 @@
 
 #include "bindings.h"
 #include "kernels/bn_cpu.h"
+#include "kernels/fold_cpu.h"
 #include "kernels/pool_cpu.h"
 
 namespace fusedres {
@@ -239,6 +240,60 @@ at::Tensor max_pool2d_cpu_op(const at::Tensor& x, at::IntArrayRef kernel_size, a
   return y;
 }
 
+// weight * scale per output channel (dim 0), multiplied in float32 and stored as `dtype`: the
+// BatchNorm fold of a convolution weight in one pass. weight: float32/float16/bfloat16, dense
+// with dim 0 outermost (contiguous or channels_last); scale: float32 [weight.size(0)]. The
+// output has weight's strides.
+at::Tensor fold_scale_cpu_op(const at::Tensor& weight, const at::Tensor& scale, at::ScalarType dtype) {
+  constexpr const char* op = "fusedres_ext::fold_scale";
+  const auto in_t = weight.scalar_type();
+  FUSEDRES_CHECK_ARG(in_t == at::kFloat || in_t == at::kHalf || in_t == at::kBFloat16, op, "weight",
+                     "must be float32, float16 or bfloat16, got ", in_t);
+  FUSEDRES_CHECK_ARG(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, "dtype",
+                     "must be float32, float16 or bfloat16, got ", dtype);
+  FUSEDRES_CHECK_ARG(weight.dim() >= 1 && weight.size(0) > 0, op, "weight",
+                     "must have at least one dimension and one output channel, got shape ", weight.sizes());
+  const int64_t k = weight.size(0);
+  const int64_t block = weight.numel() / k;
+  const bool dense = weight.is_contiguous() ||
+                     (weight.dim() == 4 && weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  FUSEDRES_CHECK_ARG(dense && (k == 1 || block == 0 || weight.stride(0) == block), op, "weight",
+                     "must be contiguous or channels_last-contiguous with dim 0 outermost, got strides ",
+                     weight.strides());
+  FUSEDRES_CHECK_ARG(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == k &&
+                         scale.is_contiguous(),
+                     op, "scale", "must be a contiguous float32 vector of ", k, " elements, got ", scale.scalar_type(),
+                     " of shape ", scale.sizes());
+  at::Tensor out = at::empty_like(weight, weight.options().dtype(dtype), at::MemoryFormat::Preserve);
+  if (block == 0) return out;
+  const float* s = scale.const_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / block);
+  auto run = [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    const In* w = static_cast<const In*>(weight.const_data_ptr());
+    Out* o = static_cast<Out*>(out.mutable_data_ptr());
+    at::parallel_for(0, k, grain, [&](int64_t b, int64_t e) { fold_scale_cpu<In, Out>(w, s, o, block, b, e); });
+  };
+  auto with_out = [&](auto in_tag) {
+    if (dtype == at::kFloat) {
+      run(in_tag, float{});
+    } else if (dtype == at::kHalf) {
+      run(in_tag, Half{});
+    } else {
+      run(in_tag, BFloat16{});
+    }
+  };
+  if (in_t == at::kFloat) {
+    with_out(float{});
+  } else if (in_t == at::kHalf) {
+    with_out(Half{});
+  } else {
+    with_out(BFloat16{});
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace fusedres
 
@@ -260,6 +315,7 @@ TORCH_LIBRARY(fusedres_ext, m) {
   m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
   m.def("relu_(Tensor(a!) x) -> ()");
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
+  m.def("fold_scale(Tensor weight, Tensor scale, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
@@ -272,6 +328,7 @@ TORCH_LIBRARY_IMPL(fusedres_ext, CPU, m) {
   m.impl("act_grad", &fusedres::act_grad_cpu_op);
   m.impl("relu_", &fusedres::relu_cpu_op);
   m.impl("max_pool2d", &fusedres::max_pool2d_cpu_op);
+  m.impl("fold_scale", &fusedres::fold_scale_cpu_op);
 }
 
 // ------------------------------------------------------------------ Python module

@@ -54,6 +54,13 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
     bit for bit (dilation 1, floor mode; a NaN in a window wins, with its payload), in one
     pass and without the int64 indices ATen's CPU max-pool always writes; x
     channels_last-contiguous, the output channels_last.
+
+``torch.ops.fusedres_ext.fold_scale(weight, scale, dtype)`` (CPU)
+    -> (weight.float() * scale.view(-1, 1, ..., 1)).to(dtype) in one pass: the BatchNorm fold
+    of a convolution weight. weight float32/float16/bfloat16, contiguous or channels_last;
+    scale float32 with one element per output channel; dtype float32/float16/bfloat16; the
+    output has weight's strides. Values bit for bit those of the PyTorch expression (16-bit
+    results rounded to nearest even; a NaN stays a NaN, its bit pattern may differ).
 """
 
 from __future__ import annotations
@@ -206,6 +213,10 @@ def _register_fakes() -> None:
         p = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
         q = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
         return torch.empty((n, c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fusedres_ext::fold_scale")
+    def _fold_scale_fake(weight, scale, dtype):
+        return torch.empty_like(weight, dtype=dtype)
 
     from .backends import _cutlass  # the convolution ops' fakes live with their Python side
 

@@ -344,8 +344,33 @@ def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], dtype: torch.dtype) -
     if bn is None:
         return conv.weight.to(dtype), None
     scale, shift = bn_scale_shift(bn, dtype)
-    w = (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
+    weight = conv.weight
+    if _native_fold(weight, scale, dtype):
+        # one pass over the weight instead of a multiply and a cast (the same values)
+        return torch.ops.fusedres_ext.fold_scale(weight, scale, dtype), shift
+    w = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
     return w, shift
+
+
+_FOLD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_fold(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the extension's one-pass fold can run: a CPU weight nothing observes (no
+    autograd, tracing or compiling: the fold must then stay PyTorch ops), float32 scale,
+    16/32-bit types, a dense weight (contiguous or channels_last)."""
+    from . import _ext
+
+    return (
+        type(weight) in (Tensor, nn.Parameter)  # no subclass whose __torch_function__ would be skipped
+        and weight.device.type == "cpu"
+        and scale.dtype == torch.float32
+        and dtype in _FOLD_DTYPES
+        and weight.dtype in _FOLD_DTYPES
+        and ops.unobserved(scale)
+        and (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last))
+        and _ext.load() is not None
+    )
 
 
 _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()

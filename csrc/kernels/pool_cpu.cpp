@@ -3,16 +3,7 @@
 #include <limits>
 #include <type_traits>
 
-// The pooling loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at
-// load time (GCC function multiversioning on x86-64): their selects and 16-bit conversions
-// vectorise poorly with SSE2 alone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FUSEDRES_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FUSEDRES_INLINE inline __attribute__((always_inline))
-#else
-#define FUSEDRES_ISA_CLONES
-#define FUSEDRES_INLINE inline
-#endif
+#include "isa_clones.h"  // the pooling loops are compiled for AVX-512, AVX2 and the baseline
 
 namespace fusedres {
 namespace {
