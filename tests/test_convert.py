@@ -17,7 +17,9 @@ def tvr():
     return load_torchvision_resnet()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", "resnext50_32x4d", pytest.param("wide_resnet50_2", marks=pytest.mark.heavy)]
+)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_convert_torchvision_model(tvr, name, train):
     model = randomise(getattr(tvr, name)(num_classes=10)).double().train(train)
