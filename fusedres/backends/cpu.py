@@ -67,12 +67,13 @@ class CpuBackend(_ExtensionBackend):
     @classmethod
     def _prepacked(cls, weight, bias, x, stride, padding, dilation, groups):
         """(weight, bias in x's dtype), the weight in oneDNN's blocked layout for this conv
-        where that changes nothing but speed: a frozen folded weight (any other tensor may be edited behind its version
-        counter, or be a buffer that torch.compile reuses) and a channels_last input (for
-        NCHW inputs oneDNN's blocked kernel accumulates in another order than ATen's NCHW
-        convolution, so the packed path would not give eager PyTorch's numerics). A tensor
-        that is both (1x1 spatial, as in layer4 of a small image) counts as channels_last
-        when its strides say so, as oneDNN reads it: packing it changes no bit either."""
+        where that changes nothing but speed: a frozen folded weight (any other tensor may be
+        edited behind its version counter, or be a buffer that torch.compile reuses) and a
+        channels_last input (for NCHW inputs oneDNN's blocked kernel accumulates in another
+        order than ATen's NCHW convolution, so the packed path would not give eager PyTorch's
+        numerics). A tensor that is both (1x1 spatial, as in layer4 of a small image) counts
+        as channels_last when its strides say so, as oneDNN reads it: packing it changes no
+        bit either."""
         if not _frozen.is_frozen_weight(weight) or not _nhwc_strides(x):
             return weight, None if bias is None else bias.to(x.dtype)
         key = (tuple(x.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation), groups)
