@@ -38,50 +38,37 @@ FUSEDRES_INLINE void fold_rows(const In* __restrict w, const float* __restrict s
   }
 }
 
-#define FUSEDRES_FOLD_CLONE(NAME, IN, OUT)                                                                     \
-  FUSEDRES_ISA_CLONES void NAME(const IN* w, const float* scale, OUT* out, int64_t block, int64_t b, int64_t e) { \
-    fold_rows(w, scale, out, block, b, e);                                                                    \
+// Every (input, output) type pair, listed once: X(In, Out, name suffix).
+#define FUSEDRES_FOLD_TYPES(X)                                                                            \
+  X(float, float, f32_f32) X(float, BFloat16, f32_bf16) X(float, Half, f32_f16) X(BFloat16, float, bf16_f32) \
+  X(BFloat16, BFloat16, bf16_bf16) X(BFloat16, Half, bf16_f16) X(Half, float, f16_f32)                      \
+  X(Half, BFloat16, f16_bf16) X(Half, Half, f16_f16)
+
+// one multiversioned loop per pair
+#define FUSEDRES_FOLD_CLONE(IN, OUT, SUFFIX)                                                                     \
+  FUSEDRES_ISA_CLONES void fold_##SUFFIX(const IN* w, const float* scale, OUT* out, int64_t block, int64_t b, \
+                                         int64_t e) {                                                          \
+    fold_rows(w, scale, out, block, b, e);                                                                     \
   }
-FUSEDRES_FOLD_CLONE(fold_f32_f32, float, float)
-FUSEDRES_FOLD_CLONE(fold_f32_bf16, float, BFloat16)
-FUSEDRES_FOLD_CLONE(fold_f32_f16, float, Half)
-FUSEDRES_FOLD_CLONE(fold_bf16_f32, BFloat16, float)
-FUSEDRES_FOLD_CLONE(fold_bf16_bf16, BFloat16, BFloat16)
-FUSEDRES_FOLD_CLONE(fold_bf16_f16, BFloat16, Half)
-FUSEDRES_FOLD_CLONE(fold_f16_f32, Half, float)
-FUSEDRES_FOLD_CLONE(fold_f16_bf16, Half, BFloat16)
-FUSEDRES_FOLD_CLONE(fold_f16_f16, Half, Half)
+FUSEDRES_FOLD_TYPES(FUSEDRES_FOLD_CLONE)
 #undef FUSEDRES_FOLD_CLONE
 
 }  // namespace
 
 template <typename In, typename Out>
 void fold_scale_cpu(const In* w, const float* scale, Out* out, int64_t block, int64_t k_begin, int64_t k_end) {
-#define FUSEDRES_FOLD_CASE(IN, OUT, NAME) \
-  if constexpr (std::is_same_v<In, IN> && std::is_same_v<Out, OUT>) NAME(w, scale, out, block, k_begin, k_end);
-  FUSEDRES_FOLD_CASE(float, float, fold_f32_f32)
-  FUSEDRES_FOLD_CASE(float, BFloat16, fold_f32_bf16)
-  FUSEDRES_FOLD_CASE(float, Half, fold_f32_f16)
-  FUSEDRES_FOLD_CASE(BFloat16, float, fold_bf16_f32)
-  FUSEDRES_FOLD_CASE(BFloat16, BFloat16, fold_bf16_bf16)
-  FUSEDRES_FOLD_CASE(BFloat16, Half, fold_bf16_f16)
-  FUSEDRES_FOLD_CASE(Half, float, fold_f16_f32)
-  FUSEDRES_FOLD_CASE(Half, BFloat16, fold_f16_bf16)
-  FUSEDRES_FOLD_CASE(Half, Half, fold_f16_f16)
+#define FUSEDRES_FOLD_CASE(IN, OUT, SUFFIX)                            \
+  if constexpr (std::is_same_v<In, IN> && std::is_same_v<Out, OUT>) { \
+    fold_##SUFFIX(w, scale, out, block, k_begin, k_end);               \
+  }
+  FUSEDRES_FOLD_TYPES(FUSEDRES_FOLD_CASE)
 #undef FUSEDRES_FOLD_CASE
 }
 
-#define FUSEDRES_FOLD_INST(IN, OUT) \
+#define FUSEDRES_FOLD_INST(IN, OUT, SUFFIX) \
   template void fold_scale_cpu<IN, OUT>(const IN*, const float*, OUT*, int64_t, int64_t, int64_t);
-FUSEDRES_FOLD_INST(float, float)
-FUSEDRES_FOLD_INST(float, BFloat16)
-FUSEDRES_FOLD_INST(float, Half)
-FUSEDRES_FOLD_INST(BFloat16, float)
-FUSEDRES_FOLD_INST(BFloat16, BFloat16)
-FUSEDRES_FOLD_INST(BFloat16, Half)
-FUSEDRES_FOLD_INST(Half, float)
-FUSEDRES_FOLD_INST(Half, BFloat16)
-FUSEDRES_FOLD_INST(Half, Half)
+FUSEDRES_FOLD_TYPES(FUSEDRES_FOLD_INST)
 #undef FUSEDRES_FOLD_INST
+#undef FUSEDRES_FOLD_TYPES
 
 }  // namespace fusedres
