@@ -8,11 +8,8 @@ flags of the extension build (CUTLASS included), and for every kernel in it this
   ``mma.sync`` path that Hopper still runs) and ``HGMMA`` (Hopper's warpgroup MMA).
 
 A kernel that spills is a violation (exit code 1): a spill is local-memory traffic in a
-kernel whose whole point is to move less memory. The one exception is ``ACCEPTED``: kernels
-off the fast path whose only spill is a register saved across a call of the IEEE division
-subroutine, each listed with its reason and its measured spill, so that any other spill, or
-a larger one there, fails. The MMA flavour is reported,
-not judged: the CUTLASS 2.x kernels are Sm80 kernels by design (benchmarks/README.md says
+kernel whose whole point is to move less memory. There are no exceptions. The MMA flavour
+is reported, not judged: the CUTLASS 2.x kernels are Sm80 kernels by design (benchmarks/README.md says
 what that costs on Hopper). The report records a hash of the sources it was made from, so
 a test can tell a stale report from a current one.
 
@@ -80,7 +77,6 @@ def ptxas_info(log: str) -> Dict[str, dict]:
     "Function properties" lines; their spills count against the kernel being compiled."""
     out: Dict[str, dict] = {}
     current: Optional[str] = None
-    pending_props: Optional[str] = None
     for line in log.splitlines():
         m = _ENTRY.search(line)
         if m:
@@ -88,9 +84,7 @@ def ptxas_info(log: str) -> Dict[str, dict]:
             out[current] = {"arch": m.group(2), "registers": None, "stack_frame": 0, "spill_stores": 0,
                             "spill_loads": 0, "shared": 0, "barriers": 0}
             continue
-        m = _PROPS.search(line)
-        if m:
-            pending_props = m.group(1)
+        if _PROPS.search(line):
             continue
         m = _FRAME.search(line)
         if m and current is not None:
@@ -99,7 +93,6 @@ def ptxas_info(log: str) -> Dict[str, dict]:
             rec["stack_frame"] = max(rec["stack_frame"], int(m.group(1)))
             rec["spill_stores"] += int(m.group(2))
             rec["spill_loads"] += int(m.group(3))
-            pending_props = None
             continue
         m = _USED.search(line)
         if m and current is not None:
@@ -164,30 +157,10 @@ def short_name(demangled: str) -> str:
     return re.sub(r"\s+", " ", demangled.replace("fusedres::(anonymous namespace)::", ""))[:160]
 
 
-# (demangled-name pattern, most bytes stored/loaded) -> why the spill is accepted
-ACCEPTED = {
-    (r"stats_nhwc<float, float, false>", 4):
-        "batch_stats of fp32 NHWC tensors whose channels are not a multiple of 4 or that are not 16-byte "
-        "aligned (the scalar path): one register saved across the IEEE float/double division subroutine "
-        "calls of the per-chunk mean and Chan merge, once per chunk of 8 rows per thread, outside the loads",
-    (r"stats_nchw<double, double, true>", 4):
-        "batch_stats of fp64 NCHW tensors: one register saved across the double division subroutine calls "
-        "of the Chan merge, once per chunk",
-}
-
-
-def accepted(r: dict) -> Optional[str]:
-    """The reason a kernel's spill is accepted, or None."""
-    for (pattern, most), why in ACCEPTED.items():
-        if re.search(re.escape(pattern), r["demangled"]) and max(r["spill_stores"], r["spill_loads"]) <= most:
-            return why
-    return None
-
-
 def violations(results: List[dict]) -> List[str]:
     out = []
     for r in results:
-        if (r["spill_stores"] or r["spill_loads"]) and accepted(r) is None:
+        if r["spill_stores"] or r["spill_loads"]:
             out.append(f"{r['source']}: {r['name']}: spills ({r['spill_stores']} B stored, "
                        f"{r['spill_loads']} B loaded, {r['registers']} registers)")
     return out
@@ -236,7 +209,6 @@ def audit_source(src: str, nvcc: str, cuobjdump: str, cutlass: str, work: str) -
         counts = mma.get(mangled, {})
         rec.update(source=src, name=short_name(names[mangled]), demangled=names[mangled], mangled=mangled,
                    mma_counts=counts, mma=mma_flavour(counts))
-        rec["spill_accepted"] = accepted(rec) if (rec["spill_stores"] or rec["spill_loads"]) else None
         kernels.append(rec)
     return {"source": src, "error": None, "kernels": kernels}
 
@@ -261,19 +233,18 @@ def run(jobs: int) -> dict:
 
 def table(report: dict) -> str:
     """Markdown: one row per kernel of an audit report."""
-    rows = ["| source | kernels | max registers | spilling (accepted) | max static shared (B) | MMA |",
+    rows = ["| source | kernels | max registers | spilling | max static shared (B) | MMA |",
             "|---|---|---|---|---|---|"]
     by_source: Dict[str, List[dict]] = {}
     for r in report["results"]:
         by_source.setdefault(r["source"], []).append(r)
     for src, ks in by_source.items():
         spilling = [k for k in ks if k["spill_stores"] or k["spill_loads"]]
-        ok = [k for k in spilling if k.get("spill_accepted")]
         mma = sorted({f"{k['mma']} ({', '.join(f'{n} {c}' for n, c in sorted(k['mma_counts'].items()))})"
                       for k in ks if k["mma"] != "none"}) or ["-"]
         names = "; ".join(sorted({k["name"] for k in ks})) if any(k["mma"] != "none" for k in ks) else str(len(ks))
         rows.append(f"| {os.path.basename(src)} | {names} | {max(k['registers'] or 0 for k in ks)} | "
-                    f"{len(spilling)} ({len(ok)}) | {max(k['shared'] for k in ks)} | {'; '.join(mma)} |")
+                    f"{len(spilling)} | {max(k['shared'] for k in ks)} | {'; '.join(mma)} |")
     return "\n".join(rows)
 
 

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "bn_cuda.cuh"
+#include "chan_merge.h"
 #include "cuda_common.cuh"
 
 namespace fusedres {
@@ -193,6 +194,9 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc(const T* __restrict__ x, 
   const int64_t blk = blockIdx.x;
   int64_t r0, r1;
   block_rows(g, blk, r0, r1);
+  // the block's length as a 32-bit count (at most g.rows): one register fewer to keep across
+  // the division subroutines of the chunk loop, which made the fp32 scalar path spill
+  const int len = static_cast<int>(r1 - r0), chunk_rows = static_cast<int>(g.chunk);
   const int64_t C = g.c;
   const int64_t c0 = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool own = c0 < C;
@@ -201,9 +205,10 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc(const T* __restrict__ x, 
 #pragma unroll
   for (int j = 0; j < V; ++j) mean[j] = m2[j] = 0.0;
   for (int chunk = 0; chunk < kChunks; ++chunk) {
-    const int64_t cr0 = r0 + chunk * g.chunk;
-    const int64_t cnt = min64(r1 - cr0, g.chunk);
+    const int64_t cr0 = r0 + int64_t(chunk) * chunk_rows;
+    const int cnt = min(len - chunk * chunk_rows, chunk_rows);
     if (cnt <= 0) break;  // the same for the whole CTA
+    const double rcnt = 1.0 / double(cnt);  // before the loads, while few registers are live
     S v[kRpt][V], s[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) s[j] = S(0);
@@ -223,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc(const T* __restrict__ x, 
     S cm[V], q[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      cm[j] = s[j] / S(cnt);
+      cm[j] = div_by_count(s[j], double(cnt), rcnt);
       q[j] = S(0);
     }
 #pragma unroll
@@ -270,11 +275,12 @@ __global__ void __launch_bounds__(kThreads) stats_nchw(const T* __restrict__ x, 
   const int64_t blk = item / g.c, ch = item % g.c;
   int64_t r0, r1;
   block_rows(g, blk, r0, r1);
+  const int len = static_cast<int>(r1 - r0), chunk_rows = static_cast<int>(g.chunk);  // as in stats_nhwc
   const int tid = threadIdx.x;
   double n = 0.0, mean = 0.0, m2 = 0.0;
   for (int chunk = 0; chunk < kChunks; ++chunk) {
-    const int64_t cr0 = r0 + chunk * g.chunk;
-    const int64_t cnt = min64(r1 - cr0, g.chunk);
+    const int64_t cr0 = r0 + int64_t(chunk) * chunk_rows;
+    const int cnt = min(len - chunk * chunk_rows, chunk_rows);
     if (cnt <= 0) break;  // the same for the whole CTA
     const int64_t e = cr0 + cnt;
     S v[kStepsNchw][V], s = S(0);
@@ -341,6 +347,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t blk = blockIdx.x;
   int64_t r0, r1;
   block_rows(g, blk, r0, r1);
+  // the block's length as a 32-bit count (at most g.rows): one register fewer to keep across
+  // the division subroutines of the chunk loop, which made the fp32 scalar path spill
+  const int len = static_cast<int>(r1 - r0), chunk_rows = static_cast<int>(g.chunk);
   const int64_t C = g.c;
   const int64_t c0 = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool own = c0 < C;

@@ -16,6 +16,22 @@
 
 namespace fusedres {
 
+// x / count rounded once to float, for a positive integer count below 2^24, with no division.
+// (On the GPU an IEEE division calls a subroutine for its slow path, and the registers live
+// across such calls spilled in the batch_stats kernels.) inv_count must be 1.0 / count rounded
+// to double. Markstein's correction step makes q the double nearest x / count, and rounding
+// that to float is the float nearest x / count: a second rounding of a quotient is exact when
+// the first precision (53 bits) is at least twice the second (24) plus two. Zero, +-inf and
+// NaN are returned as they are, as the division would (NaN payloads aside).
+FUSEDRES_HD float div_by_count(float x, double count, double inv_count) {
+  const double xd = x;
+  if (!(std::fabs(xd) > 0.0 && std::fabs(xd) <= 1.7976931348623157e308)) return x;
+  const double q0 = xd * inv_count;
+  const double r = std::fma(-q0, count, xd);  // exact
+  return static_cast<float>(std::fma(r, inv_count, q0));
+}
+FUSEDRES_HD double div_by_count(double x, double count, double) { return x / count; }
+
 template <typename S>
 FUSEDRES_HD void finalize_channel(const BnFinalizeParams<S>& p, int64_t c) {
   const int64_t C = p.c;

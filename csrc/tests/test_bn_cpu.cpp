@@ -2,13 +2,17 @@
 // odd channel counts, every residual mode, ReLU on and off, NaN propagation, split row
 // ranges, bn_finalize vs a two-pass double computation (uneven and empty tiles),
 // batch_stats per tile, the backward reduce/apply with every mask and sample-scale
-// variant, and act_grad.
+// variant, act_grad, and div_by_count (the GPU batch_stats' division-free x / count) bit
+// for bit against IEEE float division.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
+#include <random>
 #include <type_traits>
 
 #include "bn_cpu.h"
+#include "chan_merge.h"
 #include "reference.h"
 
 using namespace fusedres;
@@ -385,11 +389,75 @@ static int run_backward_specials() {
   return f.count;
 }
 
+static uint32_t bits_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+static float float_of(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// div_by_count(x, c, 1/c) must equal x / float(c) bit for bit (NaN: any NaN) for every
+// positive integer c below 2^24: random bit patterns (subnormals, huge values, zeros of both
+// signs, infinities), subnormal quotients that are exact midpoints, and dividends whose
+// quotient lies within a few units of the last place of a midpoint between two floats.
+static int run_div_by_count() {
+  Failures f;
+  std::mt19937_64 g(99);
+  auto one = [&](float x, int64_t c) {
+    const float want = x / static_cast<float>(c);
+    const float got = div_by_count(x, static_cast<double>(c), 1.0 / static_cast<double>(c));
+    const bool ok = std::isnan(want) ? std::isnan(got) : bits_of(got) == bits_of(want);
+    f.check(ok, "div_by_count", got, want);
+  };
+  auto near_midpoint = [&](int64_t c) {
+    // a float y, the midpoint m of y and its successor, and x = c*m rounded to float
+    const float y = float_of(static_cast<uint32_t>(g() % 0x7f000000u));
+    const double m = (static_cast<double>(y) + static_cast<double>(std::nextafter(y, INFINITY))) / 2.0;
+    float x = static_cast<float>(static_cast<double>(c) * m);
+    for (int k = 0; k < 3; ++k) {
+      one(x, c);
+      one(-x, c);
+      x = std::nextafter(x, INFINITY);
+    }
+  };
+  const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f, 3.0f,
+                            std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::min(), -std::numeric_limits<float>::max()};
+  for (int64_t c = 1; c <= 20000; ++c) {
+    for (float x : specials) one(x, c);
+    for (int k = 0; k < 24; ++k) one(float_of(static_cast<uint32_t>(g())), c);
+    for (int k = 0; k < 8; ++k) near_midpoint(c);
+    // subnormal quotients that are exact midpoints: A * 2^-149 / c = (2B+1)/2 * 2^-149 for an
+    // even c and A = c/2 * (2B+1) below 2^23
+    if (c % 2 == 0) {
+      const uint64_t half = static_cast<uint64_t>(c / 2), most = ((1u << 23) / half - 1) / 2;
+      for (int k = 0; k < 8; ++k) {
+        const uint64_t b = most > 0 ? g() % most : 0, a = half * (2 * b + 1);
+        if (a < (1u << 23)) {
+          one(float_of(static_cast<uint32_t>(a)), c);
+          one(-float_of(static_cast<uint32_t>(a)), c);
+        }
+      }
+    }
+  }
+  for (int k = 0; k < 200000; ++k) {
+    const int64_t c = 1 + static_cast<int64_t>(g() % ((1u << 24) - 1));
+    one(float_of(static_cast<uint32_t>(g())), c);
+    near_midpoint(c);
+  }
+  return f.count;
+}
+
 int main() {
   Rng rng;
   int fails = 0, cases = 0;
   fails += run_conversions() != 0;
-  ++cases;
+  fails += run_div_by_count() != 0;
+  cases += 2;
   for (auto layout : {Layout::NCHW, Layout::NHWC})
     for (int64_t C : {1, 3, 7, 13, 16})
       for (int mode = 0; mode < 5; ++mode)
