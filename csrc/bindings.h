@@ -234,7 +234,7 @@ BatchStatsParams<S> params_of(const BatchStatsPrepared& p) {
 }
 
 struct BnBackwardPrepared {
-  at::Tensor dout, y, out, mean, invstd, scale, shift, sample_scale, coefs;
+  at::Tensor dout, y, out, addend, mean, invstd, scale, shift, sample_scale, coefs;
   Layout layout;
   int64_t n, c, hw;
 };
@@ -276,6 +276,15 @@ inline BnBackwardPrepared prepare_bn_backward(const char* op, const at::Tensor& 
   p.shift = vec_arg(op, "shift", shift, p.c, y);
   if (sample_scale.has_value()) p.sample_scale = vec_arg(op, "sample_scale", *sample_scale, p.n, y);
   return p;
+}
+
+// bn_backward_apply's addend (when given): y's shape, dtype and device, stored in y's layout.
+inline void prepare_addend(const char* op, BnBackwardPrepared& p, const std::optional<at::Tensor>& addend,
+                           const at::Tensor& y) {
+  if (!addend.has_value()) return;
+  check_like(op, "addend", *addend, "y", y);
+  p.addend = addend->contiguous(p.layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast
+                                                         : at::MemoryFormat::Contiguous);
 }
 
 // bn_apply_relu (the BatchNorm+ReLU backward's apply from precomputed coefficients, the

@@ -110,10 +110,11 @@ def _sync_sums(sg, sgx, m_local: int, group):
     return buf[:c], buf[c : 2 * c], buf[2 * c]
 
 
-def _bn_back(dout, y, stats, out, relu, sample, backend, group=None):
-    """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU). With a process
-    group the normalisation is over all ranks (the input gradient uses the all-reduced sums)
-    while the returned parameter gradients stay this rank's (DDP averages them)."""
+def _bn_back(dout, y, stats, out, relu, sample, backend, group=None, addend=None):
+    """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU), ``addend`` added to
+    dy where it is written. With a process group the normalisation is over all ranks (the
+    input gradient uses the all-reduced sums) while the returned parameter gradients stay
+    this rank's (DDP averages them)."""
     mean, invstd, scale, shift = stats
     sg, sgx = ops.direct.bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample, backend)
     ag, agx = sg, sgx
@@ -122,7 +123,8 @@ def _bn_back(dout, y, stats, out, relu, sample, backend, group=None):
         tg, tgx, m_all = _sync_sums(sg, sgx, m_local, group)
         # bn_backward_apply divides by the local element count: rescale the global sums
         ag, agx = tg * (m_local / m_all), tgx * (m_local / m_all)
-    dy = ops.direct.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, backend)
+    dy = ops.direct.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, addend,
+                                      backend)
     return dy, sgx, sg
 
 
@@ -286,7 +288,8 @@ class PreActBlock(torch.autograd.Function):
             out = ops.direct.conv_bias_act(h, w_last, None, res, st[2], st[3], True, *geom.args(), spec.relu_out, b)
         else:
             y_last = ops.direct.conv_bias_act(h, w_last, None, None, st[2], st[3], True, *geom.args(), False, b)
-            one = torch.ones_like(st[2])
+            # per output channel of the last conv (a bottleneck widens it past st's channels)
+            one = torch.ones(y_last.shape[1], dtype=st[2].dtype, device=y_last.device)
             out = ops.direct.bn_add_act(y_last, one, torch.zeros_like(one), res, None, None, sample_scale, spec.relu_out, b)
         ctx.spec = spec
         ctx.x_shape = list(x.shape)
@@ -309,8 +312,12 @@ class PreActBlock(torch.autograd.Function):
         grads = [None] * len(params)
 
         g = ops.direct.act_grad(dout, out, b) if spec.relu_out else dout
-        g_main = g if sample is None else g * sample.view(-1, 1, 1, 1).to(g.dtype)
-        dy = g_main
+        dy = g
+        if sample is not None:
+            # the main branch's gradient is g * sample_scale[n], in the statistics dtype as the
+            # forward applied it (one native pass, the forward's bn_add_act with scale 1, shift 0)
+            one = torch.ones(g.shape[1], dtype=sample.dtype, device=g.device)
+            dy = ops.direct.bn_add_act(g, one, torch.zeros_like(one), None, None, None, sample, False, b)
         dx = None
         for j in reversed(range(n)):
             w = params[UNIT * j]
@@ -327,11 +334,14 @@ class PreActBlock(torch.autograd.Function):
                     grads[k] = ops.direct.conv_wgrad(g, x, s_j, t_j, True, list(w_ds.shape), *spec.ds_conv.args(), b)
                 # the projection's dgrad adds the main branch's (one pass writes the sum)
                 da = ops.direct.conv_dgrad(g, w_ds, ctx.x_shape, *spec.ds_conv.args(), da, b)
-            dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b, spec.group)
+            # the identity shortcut's gradient is added where the first BatchNorm's apply
+            # writes dx
+            add = g if j == 0 and need[1] and spec.shortcut is Shortcut.IDENTITY else None
+            dy, sgx, sg = _bn_back(da, h_in, stats[j], None, True, None, b, spec.group, add)
             grads[UNIT * j + 1] = _cast(sgx, params[UNIT * j + 1])
             grads[UNIT * j + 2] = _cast(sg, params[UNIT * j + 2])
         if need[1]:
-            dx = dy + g if spec.shortcut is Shortcut.IDENTITY else dy
+            dx = dy
         d_res = g if spec.shortcut is Shortcut.TENSOR and need[2] else None
         return (None, dx, d_res, None, *grads)
 

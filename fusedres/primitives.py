@@ -105,9 +105,10 @@ PRIMITIVES: Tuple[Primitive, ...] = (
     ),
     Primitive(
         "bn_backward_apply",
-        f"{_BN}, Tensor sum_g, Tensor sum_gx",
+        f"{_BN}, Tensor sum_g, Tensor sum_gx, Tensor? addend",
         ("dy",),
-        "dy = A*g + B*y + C, the gradient with respect to the BatchNorm's input y",
+        "dy = A*g + B*y + C, the gradient with respect to the BatchNorm's input y, plus addend (a "
+        "pre-activation block's identity-shortcut gradient) where given, rounded once",
     ),
     Primitive("act_grad", "Tensor dout, Tensor out", ("dx",), "ReLU backward from its output: dout where out > 0"),
     Primitive(

@@ -27,7 +27,8 @@ forward
 backward
   bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
       -> sum(g), sum(g * xhat)  per channel  (= dbeta, dgamma)
-  bn_backward_apply(... same ..., sum_g, sum_gx) -> dy = A*g + B*y + C
+  bn_backward_apply(... same ..., sum_g, sum_gx, addend) -> dy = A*g + B*y + C (+ addend when
+         given, in the statistics dtype: one rounding)
   bn_backward_coefs(mean, invstd, scale, sum_g, sum_gx, m) -> [3, C] rows A, B, C
   bn_apply_conv_backward(dh, y, scale, shift, coefs, w, x, in_scale, in_shift, in_relu,
                          geometry, need_dx, need_dw, dx_add)
@@ -221,13 +222,16 @@ def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_sc
     return g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
 
 
-def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx) -> Tensor:
+def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx,
+                      addend=None) -> Tensor:
     g = _masked_grad(dout, y, scale, shift, out, relu, sample_scale)
     m = y.numel() // y.shape[1]
     a = scale
     b = -scale * invstd * sum_gx / m
     c = -a * sum_g / m - b * mean
     dy = g * _c(a) + y.to(g.dtype) * _c(b) + _c(c)
+    if addend is not None:
+        dy = dy + addend.to(g.dtype)
     return _like(dy, y)
 
 

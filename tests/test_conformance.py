@@ -243,10 +243,16 @@ def test_bn_backward_reduce_apply_and_act_grad(backend, shape, dtype, layout):
         atol = 1e-10 if dtype == torch.float64 else 1e-3
         assert_close(sg, sgr, atol=atol, rtol=1e-5, name="sum_g")
         assert_close(sgx, sgxr, atol=atol, rtol=1e-5, name="sum_gx")
-        dy = B.bn_backward_apply(*args, sgr, sgxr)
-        dyr = R.bn_backward_apply(*args, sgr, sgxr)
+        dy = B.bn_backward_apply(*args, sgr, sgxr, None)
+        dyr = R.bn_backward_apply(*args, sgr, sgxr, None)
         close(dy, dyr, dtype, "dy")
         same_layout(dy, dyr, "dy")
+        # plus an addend (a pre-activation block's shortcut gradient), in another layout
+        add = dout.contiguous(memory_format=torch.channels_last if dout.is_contiguous() else torch.contiguous_format)
+        dya = B.bn_backward_apply(*args, sgr, sgxr, add)
+        dyar = R.bn_backward_apply(*args, sgr, sgxr, add)
+        close(dya, dyar, dtype, "dy + addend")
+        same_layout(dya, dyar, "dy + addend")
     got, want = B.act_grad(dout, out), R.act_grad(dout, out)
     assert torch.equal(got, want)
 

@@ -253,3 +253,40 @@ def test_default_prologue_has_the_reference_numerics_far_from_zero(cuda_tables_o
     assert torch.equal(cuda.conv_wgrad(dy, x, scale, shift, True, list(w.shape), *geo),
                        reference.conv_wgrad(dy, x, scale, shift, True, list(w.shape), *geo))
     assert fake.calls["conv_stats"] == 1 and fake.calls["wgrad"] == 1 and "conv_stats+prologue" not in fake.calls
+
+
+def _preact_body(backend, drop_path, seed=0):
+    torch.manual_seed(seed)
+    m = randomise(fusedres.cifar_resnet(20, "B", preact=True, drop_path=drop_path, backend=backend), seed)
+    body = torch.nn.Sequential(m.layer1, m.layer2, m.layer3)
+    return body.to(dtype=torch.bfloat16, memory_format=torch.channels_last).train()
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.5], ids=["plain", "stochastic-depth"])
+def test_preact_training_step_runs_no_eager_pass(cuda_tables_on_cpu, drop_path):
+    """Pre-activation blocks (CIFAR ResNet-20, projections where the shape changes): the
+    identity shortcut's gradient is added where the first BatchNorm's backward apply writes
+    dx, and with stochastic depth the main branch's per-sample scale is one native pass."""
+    rec, fake = cuda_tables_on_cpu
+    dt, cl = torch.bfloat16, torch.channels_last
+    body = _preact_body("cuda", drop_path)
+    x = torch.randn(BATCH, 16, 16, 16).to(dt, memory_format=cl)
+    dout = torch.randn_like(body(x.clone())).contiguous(memory_format=cl)
+    x = x.clone().requires_grad_()
+    fake.calls.clear()
+    torch.manual_seed(1)
+    with rec:
+        _step(body, x, dout)
+    assert dict(rec.aten) == {}, f"ATen passes over activations: {dict(rec.aten)}"
+    blocks, projections = 9, 2
+    convs = 2 * blocks + projections
+    # the block's second conv adds the shortcut in its epilogue (fprop), the projection
+    # shortcut's dgrad adds the main branch's dx
+    assert fake.calls["conv_stats"] == blocks and fake.calls["fprop"] == blocks + projections
+    assert fake.calls["wgrad"] == convs
+    assert fake.calls["dgrad+shortcut"] == projections and fake.calls["dgrad"] == 2 * blocks
+    # every BatchNorm's backward apply is one native pass, the identity shortcut's gradient
+    # added in the first one's; the exact prologue's BatchNorm+ReLU apply before the forward
+    # and the weight gradient of each conv, and the per-sample scale forward and backward
+    assert rec.ext["bn_backward_apply"] == 2 * blocks and rec.ext["bn_backward_reduce"] == 2 * blocks
+    assert rec.ext["bn_add_act"] == 2 * convs + (2 * blocks if drop_path else 0)

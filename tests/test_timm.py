@@ -147,6 +147,29 @@ def test_stochastic_depth_draws_like_timm(name):
     assert (undropped - outs[1]).abs().max() > 1e-3, "no sample was dropped: the test proves nothing"
 
 
+def test_preact_bottleneck_trains_with_stochastic_depth_like_timm():
+    """A pre-activation bottleneck widens its last conv's output past the channels of the
+    BatchNorm before it; the per-sample scale is per output channel, forward and backward.
+    float64 training step against timm with the same draws."""
+    model = _timm("resnetv2_50", drop_path_rate=0.5).double().train()
+    fused = fusedres.convert(copy.deepcopy(model), backend=_CPU)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for m in (fused, model):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = m(xi)
+        out.square().sum().backward()
+        grads.append((out.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (out_a, dx_a, pg_a), (out_b, dx_b, pg_b) = grads
+    assert_close(out_a, out_b, atol=1e-9, rtol=1e-7, name="output")
+    # relative to each gradient's norm: a ReLU input within rounding of zero may gate the
+    # other way (the folded y*scale + shift against timm's normalise-then-affine)
+    for n, g in [("x.grad", dx_b), *pg_b.items()]:
+        a = dx_a if n == "x.grad" else pg_a[n]
+        assert float((a - g).norm() / g.norm().clamp_min(1e-300)) < 1e-8, n
+
+
 @pytest.mark.parametrize(
     "name, kwargs, replaced, reasons",
     [

@@ -97,12 +97,13 @@ def _masked_grad(dout, y, scale, shift, out, sample, HAS_OUT: tl.constexpr, RELU
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    dout_ptr, y_ptr, out_ptr, dy_ptr, scale_ptr, shift_ptr, sample_ptr, a_ptr, b_ptr, c_ptr,
+    dout_ptr, y_ptr, out_ptr, add_ptr, dy_ptr, scale_ptr, shift_ptr, sample_ptr, a_ptr, b_ptr, c_ptr,
     total, C, H, W,
     sdn, sdc, sdh, sdw,
     syn, syc, syh, syw,
     son, soc, soh, sow,
-    HAS_OUT: tl.constexpr, RELU: tl.constexpr, HAS_SAMPLE: tl.constexpr,
+    san, sac, sah, saw,
+    HAS_OUT: tl.constexpr, RELU: tl.constexpr, HAS_SAMPLE: tl.constexpr, HAS_ADD: tl.constexpr,
     OUT_CL: tl.constexpr, ACC64: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_t = tl.float64 if ACC64 else tl.float32
@@ -124,6 +125,8 @@ def _bn_bwd_apply_kernel(
     b = tl.load(b_ptr + c, mask=mask, other=0.0)
     cc = tl.load(c_ptr + c, mask=mask, other=0.0)
     dy = g * a + y * b + cc
+    if HAS_ADD:
+        dy += tl.load(add_ptr + n * san + c * sac + h * sah + w * saw, mask=mask, other=0.0).to(acc_t)
     tl.store(dy_ptr + idx, to_storage(dy, dy_ptr.dtype.element_ty, FIX_BF16), mask=mask)
 
 
@@ -406,7 +409,7 @@ def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_sc
     return part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
 
 
-def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
+def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None):
     n, c, h, w = y.shape
     dy = _empty_like_layout(y)
     total = dy.numel()
@@ -419,14 +422,16 @@ def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_sca
     b = -a * invstd * sum_gx / m
     cc = -a * sum_g / m - b * mean
     o = out if out is not None else y
+    ad = addend if addend is not None else y
     blk = _block()
     _config.launch_fixed(
         _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
-        (dout, y, o, dy, scale, shift, sample_scale if sample_scale is not None else scale,
+        (dout, y, o, ad, dy, scale, shift, sample_scale if sample_scale is not None else scale,
          a.contiguous(), b.contiguous(), cc.contiguous(),
-         total, c, h, w, *dout.stride(), *y.stride(), *o.stride()),
+         total, c, h, w, *dout.stride(), *y.stride(), *o.stride(), *ad.stride()),
         dict(HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
-             OUT_CL=_cl(dy), ACC64=sd == torch.float64, FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
+             HAS_ADD=addend is not None, OUT_CL=_cl(dy), ACC64=sd == torch.float64, FIX_BF16=_fix_bf16(y.dtype),
+             BLOCK=blk),
     )
     return dy
 
@@ -444,9 +449,10 @@ def bn_apply_coefs(dh, y, scale, shift, coefs):
     blk = _block()
     _config.launch_fixed(
         _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
-        (dh, y, y, dy, scale, shift, scale, coefs[0], coefs[1], coefs[2],
-         total, c, h, w, *dh.stride(), *y.stride(), *y.stride()),
-        dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=False, OUT_CL=_cl(dy), ACC64=coefs.dtype == torch.float64,
+        (dh, y, y, y, dy, scale, shift, scale, coefs[0], coefs[1], coefs[2],
+         total, c, h, w, *dh.stride(), *y.stride(), *y.stride(), *y.stride()),
+        dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=False, HAS_ADD=False, OUT_CL=_cl(dy),
+             ACC64=coefs.dtype == torch.float64,
              FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
     )
     return dy

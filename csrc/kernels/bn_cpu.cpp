@@ -468,43 +468,55 @@ void bn_backward_coefs_cpu(const BnBackwardParams<S>& p, const S* sum_g, const S
 }
 
 template <typename T, typename S>
-void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, T* dy, const BnBackwardParams<S>& p,
-                           int64_t row_begin, int64_t row_end) {
+void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* dy,
+                           const BnBackwardParams<S>& p, int64_t row_begin, int64_t row_end) {
   const int64_t C = p.c;
   const S* A = p.coefs;
   const S* B = p.coefs + C;
   const S* Cc = p.coefs + 2 * C;
   const T* o = out != nullptr ? out : y;
+  const T* ad = addend != nullptr ? addend : y;  // read only when addend is given
   with_grad_flags(p.relu, out != nullptr, p.sample_scale != nullptr, [&](auto relu, auto has_out, auto sample) {
     constexpr bool R = decltype(relu)::value, H = decltype(has_out)::value, K = decltype(sample)::value;
-    if (p.layout == Layout::NHWC) {
-      for (int64_t row = row_begin; row < row_end; ++row) {
-        const int64_t off = row * C;
-        const S k = K ? p.sample_scale[row / p.hw] : S(1);
-        const T* __restrict d = dout + off;
-        const T* __restrict yr = y + off;
-        const T* __restrict orow = o + off;
-        T* __restrict res = dy + off;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const S gv = grad_of<R, H, K>(d[ch], yr[ch], orow[ch], p.scale[ch], p.shift[ch], k);
-          st(res[ch], gv * A[ch] + ld<S>(yr[ch]) * B[ch] + Cc[ch]);
+    auto rows = [&](auto has_add) {
+      constexpr bool D = decltype(has_add)::value;
+      if (p.layout == Layout::NHWC) {
+        for (int64_t row = row_begin; row < row_end; ++row) {
+          const int64_t off = row * C;
+          const S k = K ? p.sample_scale[row / p.hw] : S(1);
+          const T* __restrict d = dout + off;
+          const T* __restrict yr = y + off;
+          const T* __restrict orow = o + off;
+          const T* __restrict arow = ad + off;
+          T* __restrict res = dy + off;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const S gv = grad_of<R, H, K>(d[ch], yr[ch], orow[ch], p.scale[ch], p.shift[ch], k);
+            const S v = gv * A[ch] + ld<S>(yr[ch]) * B[ch] + Cc[ch];
+            st(res[ch], D ? v + ld<S>(arow[ch]) : v);
+          }
+        }
+      } else {
+        for (int64_t row = row_begin; row < row_end; ++row) {
+          const int64_t off = row * p.hw, ch = row % C;
+          const S k = K ? p.sample_scale[row / C] : S(1);
+          const S scale = p.scale[ch], shift = p.shift[ch], a = A[ch], b = B[ch], c = Cc[ch];
+          const T* __restrict d = dout + off;
+          const T* __restrict yr = y + off;
+          const T* __restrict orow = o + off;
+          const T* __restrict arow = ad + off;
+          T* __restrict res = dy + off;
+          for (int64_t i = 0; i < p.hw; ++i) {
+            const S gv = grad_of<R, H, K>(d[i], yr[i], orow[i], scale, shift, k);
+            const S v = gv * a + ld<S>(yr[i]) * b + c;
+            st(res[i], D ? v + ld<S>(arow[i]) : v);
+          }
         }
       }
-    } else {
-      for (int64_t row = row_begin; row < row_end; ++row) {
-        const int64_t off = row * p.hw, ch = row % C;
-        const S k = K ? p.sample_scale[row / C] : S(1);
-        const S scale = p.scale[ch], shift = p.shift[ch], a = A[ch], b = B[ch], c = Cc[ch];
-        const T* __restrict d = dout + off;
-        const T* __restrict yr = y + off;
-        const T* __restrict orow = o + off;
-        T* __restrict res = dy + off;
-        for (int64_t i = 0; i < p.hw; ++i) {
-          const S gv = grad_of<R, H, K>(d[i], yr[i], orow[i], scale, shift, k);
-          st(res[i], gv * a + ld<S>(yr[i]) * b + c);
-        }
-      }
-    }
+    };
+    if (addend != nullptr)
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
   });
 }
 
@@ -556,8 +568,8 @@ void relu_inplace_cpu(T* x, int64_t begin, int64_t end) {
   template void batch_stats_blocks_cpu<T, S>(const T*, const BatchStatsParams<S>&, double*, int64_t, int64_t); \
   template void bn_backward_reduce_blocks_cpu<T, S>(const T*, const T*, const T*, const BnBackwardParams<S>&,  \
                                                     double*, int64_t, int64_t);                              \
-  template void bn_backward_apply_cpu<T, S>(const T*, const T*, const T*, T*, const BnBackwardParams<S>&,      \
-                                            int64_t, int64_t);                                               \
+  template void bn_backward_apply_cpu<T, S>(const T*, const T*, const T*, const T*, T*,                     \
+                                            const BnBackwardParams<S>&, int64_t, int64_t);                   \
   template void act_grad_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                                 \
   template void relu_inplace_cpu<T>(T*, int64_t, int64_t);
 FUSEDRES_BN_REDUCE_CPU(float, float)

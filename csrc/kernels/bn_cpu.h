@@ -81,11 +81,12 @@ void bn_backward_reduce_merge_cpu(const BnBackwardParams<S>& p, const double* wo
 template <typename S>
 void bn_backward_coefs_cpu(const BnBackwardParams<S>& p, const S* sum_g, const S* sum_gx, S* coefs);
 
-// dy = A*g + B*y + C over the rows [row_begin, row_end) of bn_add_act_rows (same row
-// definition as bn_add_act); reads p.coefs. out may be nullptr.
+// dy = A*g + B*y + C (+ addend, one rounding) over the rows [row_begin, row_end) of
+// bn_add_act_rows (same row definition as bn_add_act); reads p.coefs. out and addend (y's
+// shape and layout) may be nullptr.
 template <typename T, typename S>
-void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, T* dy, const BnBackwardParams<S>& p,
-                           int64_t row_begin, int64_t row_end);
+void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* dy,
+                           const BnBackwardParams<S>& p, int64_t row_begin, int64_t row_end);
 
 // dx = out <= 0 ? 0 : dout over the flat elements [begin, end) (dout, out, dx in one layout).
 template <typename T>

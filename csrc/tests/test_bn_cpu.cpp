@@ -298,8 +298,13 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool re
   bn_backward_coefs_cpu<S>(p, sg.data(), sgx.data(), coefs.data());
   p.coefs = coefs.data();
   const int64_t rows = bn_add_act_rows(N, C, HW, layout);
-  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, dy.data(), p, rows / 2, rows);
-  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, dy.data(), p, 0, rows / 2);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, dy.data(), p, rows / 2, rows);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, dy.data(), p, 0, rows / 2);
+  // the same apply plus an addend (a pre-activation block's shortcut gradient)
+  auto addd = rng.normal(total);
+  std::vector<T> addend(total), dy_add(total);
+  for (int64_t i = 0; i < total; ++i) addend[i] = to_t<T>(addd[i]);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, addend.data(), dy_add.data(), p, 0, rows);
   Failures f;
   const double tol = sizeof(S) == 4 ? 2e-6 : 1e-12;
   std::vector<double> gref(total);
@@ -335,6 +340,14 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool re
       // plus half a float16 subnormal step: tiny results are absolute-rounded there
       const double sub = std::is_same<T, Half>::value ? 3e-8 : 0.0;
       f.check(std::fabs(to_d(dy[i]) - want) <= out_tol * (mag + 1e-30) + sub, "dy", to_d(dy[i]), want);
+      const double want_add = want + to_d(addend[i]), mag_add = mag + std::fabs(to_d(addend[i]));
+      f.check(std::fabs(to_d(dy_add[i]) - want_add) <= out_tol * (mag_add + 1e-30) + sub, "dy + addend",
+              to_d(dy_add[i]), want_add);
+      // stored in S itself, dy + addend is the one rounding of the unrounded sum
+      if (std::is_same<T, S>::value) {
+        const S sum = static_cast<S>(to_d(dy[i])) + static_cast<S>(to_d(addend[i]));
+        f.check(to_d(dy_add[i]) == double(sum), "dy + addend, exact", to_d(dy_add[i]), double(sum));
+      }
     }
   }
   if (f.count)

@@ -81,9 +81,11 @@ class _ExtensionBackend(ReferenceBackend):
         return cls._ops().bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
 
     @classmethod
-    def bn_backward_apply(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx):
-        args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx)
-        if not cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale, sum_g, sum_gx)):
+    def bn_backward_apply(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx,
+                          addend=None):
+        args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend)
+        if not (cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale, sum_g, sum_gx))
+                and (addend is None or addend.dtype == y.dtype)):
             record_fallback(cls.name, "bn_backward_apply", _BACKWARD_DTYPES)
             return reference.bn_backward_apply(*args)
         return cls._ops().bn_backward_apply(*args)
