@@ -36,7 +36,8 @@ Assumptions (each visible in the launch list, ``--launches``):
   that each read the gradient and the raw conv output). ``cuda``: the apply stored once
   (``bn_apply_relu``) and read by dgrad and wgrad, the BatchNorm prologue of the inner
   convolutions as a native pass before the forward and before the wgrad (its default
-  ``FUSEDRES_CUDA_PROLOGUE=exact``), the shortcut gradient read by the first conv's dgrad;
+  ``FUSEDRES_CUDA_PROLOGUE=exact``), the BatchNorm statistics of each conv output as a
+  second kernel that reads it again, the shortcut gradient read by the first conv's dgrad;
   convolutions whose channels are not multiples of 8 (the stem, C = 3) run through ATen and
   the reference statistics.
 * Not modelled: torch.compile providers, launch gaps (unless ``--launch-us``), L2 reuse
@@ -379,7 +380,12 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
             f(cv.name, "conv (ATen)", a * (cv.x + cv.wt), a * cv.y, cv.flops, True)
             f(cv.name, "batch_stats (reference)", (a + 4 + 4 + 4 + 4) * cv.y, (4 + 4 + 4) * cv.y, 4 * cv.y)
             return 1
-        tiles = _triton_tiles(cv.m) if backend == "triton" else 1
+        if backend == "cuda":
+            # the CUTLASS kernel writes y; its statistics are a second kernel that reads y again
+            f(cv.name, "conv (CUTLASS)", a * (cv.x + cv.wt) + pro, a * cv.y, cv.flops, True)
+            f(cv.name, "batch_stats (re-reads y)", a * cv.y, 3 * cv.k * STAT, 4 * cv.y)
+            return 1
+        tiles = _triton_tiles(cv.m)
         f(cv.name, "conv_stats", a * (cv.x + cv.wt) + pro, a * cv.y + tiles * 3 * cv.k * STAT, cv.flops, True)
         return tiles
 

@@ -67,6 +67,13 @@ def test_single_launches_against_hand_calculation():
     assert cs.read == 2 * x + 2 * w + 2 * 4 * 64  # input, weight, previous BN's scale and shift
     assert cs.write == 2 * x + tiles * 3 * 64 * 4
     assert cs.flops == flops
+    # cuda: the CUTLASS conv writes y, a second kernel reads it for the statistics (the
+    # exact prologue, a pass of its own, supplies the previous BN's scale and shift)
+    cuda = rl.launches(items, "fusedres-cuda", "train", "bfloat16")
+    cc = _one(cuda, "layer1.0.conv2", "conv (CUTLASS)")
+    assert (cc.read, cc.write, cc.flops) == (2 * x + 2 * w, 2 * x, flops) and cc.gemm
+    st = _one(cuda, "layer1.0.conv2", "batch_stats (re-reads y)")
+    assert (st.read, st.write) == (2 * x, 3 * 64 * 4) and not st.gemm
     # the last BN of a block with a projection: y3 (256 channels) and the projection's y, dual BN
     y3 = 256 * 56 * 56 * 256
     add = _one(triton, "layer1.0", "bn_add_act")
