@@ -36,13 +36,14 @@ def _flag(name):
 
 
 def _cutlass_include():
-    """The CUTLASS include directory (csrc/find_cutlass.py), or None."""
+    """(the CUTLASS include directory, its tools/util/include) (csrc/find_cutlass.py); None where absent."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_fusedres_find_cutlass", os.path.join(ROOT, "csrc", "find_cutlass.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.find_cutlass()
+    inc = mod.find_cutlass()
+    return inc, mod.find_cutlass_util(inc) if inc is not None else None
 
 
 def _extensions():
@@ -69,10 +70,13 @@ def _extensions():
         cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
         cu = [s for s in cu if not s.startswith(os.path.join("csrc", "tests"))]
         defs = ["-DFUSEDRES_WITH_CUDA"]
-        cutlass = _cutlass_include()
+        cutlass, cutlass_util = _cutlass_include()
         if cutlass is not None:
             defs.append("-DFUSEDRES_WITH_CUTLASS")
             common["include_dirs"].append(cutlass)
+            if cutlass_util is not None:  # the Hopper-native (CUTLASS 3.x) forward
+                defs.append("-DFUSEDRES_WITH_CUTLASS_SM90")
+                common["include_dirs"].append(cutlass_util)
         ext = CUDAExtension(
             "fusedres._C",
             cpu_sources + cu,

@@ -40,7 +40,8 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCH = "sm_90a"
-FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DFUSEDRES_WITH_CUDA", "-DFUSEDRES_WITH_CUTLASS"]
+FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DFUSEDRES_WITH_CUDA", "-DFUSEDRES_WITH_CUTLASS",
+         "-DFUSEDRES_WITH_CUTLASS_SM90"]
 
 
 def sources() -> List[str]:
@@ -146,6 +147,14 @@ def short_name(demangled: str) -> str:
     """A readable kernel name: CUTLASS kernels by their kernel and mainloop templates, element
     type and tile shapes (read off the mangled name, which c++filt gives up on for these),
     fusedres's own kernels by their name and template arguments."""
+    if "ConvUniversal" in demangled and "Sm90" in demangled:  # CUTLASS 3.x
+        main = re.search(r"(Mainloop\w+?ImplicitGemm)I", demangled)
+        stages = re.search(r"ImplicitGemmIL\w+?_(\d)ELi(\d+)E", demangled)
+        atom = re.search(r"MMA_(\d+x\d+x\d+)_", demangled)
+        elem = "bf16" if "bfloat16_t" in demangled else ("f16" if "half_t" in demangled else "?")
+        source = ", residual source" if "Sm90SrcFetch" in demangled else ""
+        return (f"cutlass ConvUniversal/{main.group(1) if main else '?'} {elem}, "
+                f"{stages.group(2) if stages else '?'} stages, wgmma {atom.group(1) if atom else '?'}{source}")
     if demangled.startswith("_ZN7cutlass") or demangled.startswith("cutlass::"):
         names = re.findall(r"(?:kernel|threadblock)\d+(ImplicitGemm\w+?)I", demangled)
         tiles = re.findall(r"GemmShapeILi(\d+)ELi(\d+)ELi(\d+)E", demangled)
@@ -183,19 +192,21 @@ def _tools():
     if cuobjdump is None:
         raise SystemExit("cuda_audit: no cuobjdump (CUDA toolkit, or triton's bundled copy)")
     sys.path.insert(0, str(ROOT / "csrc"))
-    from find_cutlass import find_cutlass
+    from find_cutlass import find_cutlass, find_cutlass_util
 
     cutlass = find_cutlass()
-    if cutlass is None:
-        raise SystemExit("cuda_audit: CUTLASS headers not found (pip install --no-deps nvidia-cutlass==4.2.0.0, "
-                         "or CUTLASS_DIR)")
-    return nvcc, cuobjdump, cutlass
+    util = find_cutlass_util(cutlass) if cutlass is not None else None
+    if cutlass is None or util is None:
+        raise SystemExit("cuda_audit: CUTLASS headers or their tools/util/include not found (pip install --no-deps "
+                         "nvidia-cutlass==4.2.0.0, or CUTLASS_DIR)")
+    return nvcc, cuobjdump, [cutlass, util]
 
 
-def audit_source(src: str, nvcc: str, cuobjdump: str, cutlass: str, work: str) -> dict:
+def audit_source(src: str, nvcc: str, cuobjdump: str, cutlass: Sequence[str], work: str) -> dict:
     cubin = os.path.join(work, src.replace("/", "_") + ".cubin")
     cmd = [nvcc, *FLAGS, f"-gencode=arch=compute_{ARCH[3:]},code={ARCH}", "-cubin", "-Xptxas", "-v",
-           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'kernels'}", f"-I{cutlass}", str(ROOT / src), "-o", cubin]
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'kernels'}", *[f"-I{d}" for d in cutlass], str(ROOT / src),
+           "-o", cubin]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"source": src, "error": proc.stderr[-4000:], "kernels": []}
@@ -225,7 +236,7 @@ def run(jobs: int) -> dict:
     errors = [f"{s['source']}: compile failed\n{s['error']}" for s in per_source if s["error"]]
     return {
         "target": ARCH, "date": datetime.date.today().isoformat(), "nvcc": version,
-        "cutlass": os.path.basename(os.path.dirname(os.path.dirname(cutlass))) or cutlass,
+        "cutlass": os.path.basename(os.path.dirname(os.path.dirname(cutlass[0]))) or cutlass[0],
         "sources": sources(), "sources_sha256": sources_sha256(), "wall_s": round(time.monotonic() - t0, 1),
         "violations": errors + violations(results), "results": results,
     }

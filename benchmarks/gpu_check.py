@@ -32,7 +32,8 @@ runner-r50-compile  the torch.compile rows of those cases (compile; compile-free
 triton-fp16         block correctness in fp16 (runs during the build when that is slower)
 cuda-fp16           the same on the cuda backend
 gpu-tests           pytest: CUDA-graph capture, > 2**31 elements, CUTLASS conv primitives,
-                    20-step ResNet-18 training parity (tests/test_gpu.py)
+                    the Hopper-native forward (FUSEDRES_CUDA_HOPPER=1), 20-step ResNet-18
+                    training parity (tests/test_gpu.py)
 runner-more         ResNet-18 train (batch 128), CIFAR ResNet-56 train (batch 128, 32²),
                     ResNet-50 inference batch 1 with CUDA graphs
 ctest               the torch-free CUDA kernels' own tests (CMake, sm_90a): bn_cuda, conv_cuda
@@ -85,7 +86,7 @@ DRY_CASES = {"resnet50:train:256:224:bfloat16": "resnet8:train:2:16:float32",
              "resnet18:train:128:224:bfloat16": "resnet14:train:2:16:float32",
              "resnet56:train:128:32:bfloat16": "resnet20:train:2:16:float32",
              "resnet50:infer:1:224:bfloat16:graphs": "resnet8:infer:1:16:float32:graphs"}
-GPU_TESTS = "graph_safe or 2_31 or cutlass or resnet18_training"
+GPU_TESTS = "graph_safe or 2_31 or cutlass or hopper or resnet18_training"
 
 
 @dataclass

@@ -94,10 +94,10 @@ TORCH_LIBRARY_FRAGMENT(fusedres_ext, m) {
   m.def("conv_cutlass_info() -> str", &fusedres::conv_cutlass_info_op);
   m.def(
       "conv_bias_act_cutlass(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? in_scale, "
-      "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, bool relu) -> Tensor");
+      "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, bool relu, bool hopper=False) -> Tensor");
   m.def(
       "conv_stats_cutlass(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int[] stride, int[] padding, "
-      "int[] dilation) -> (Tensor, Tensor)");
+      "int[] dilation, bool hopper=False) -> (Tensor, Tensor)");
   m.def(
       "conv_dgrad_cutlass(Tensor dy, Tensor weight, int[] input_shape, int[] stride, int[] padding, int[] dilation, "
       "Tensor? addend) -> Tensor");

@@ -155,7 +155,7 @@ ConvFpropParams fprop_params(const char* op, const at::Tensor& x, const at::Tens
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
                               const std::optional<at::Tensor>& in_shift, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, bool hopper) {
   constexpr const char* op = "fusedres_ext::conv_bias_act_cutlass";
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xk, wk, sk, tk, bk, rk;
@@ -178,6 +178,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
     p.residual = rk.data_ptr();
   }
   p.relu = relu;
+  p.hopper = hopper;
   ConvCallFlags f;
   f.has_bias = bias.has_value();
   f.has_residual = residual.has_value();
@@ -192,12 +193,13 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
 std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& in_scale,
                                                    const std::optional<at::Tensor>& in_shift, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool hopper) {
   constexpr const char* op = "fusedres_ext::conv_stats_cutlass";
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xk, wk, sk, tk;
   ConvFpropParams p = fprop_params(op, x, weight, in_scale, in_shift, stride, padding, dilation, xk, wk, sk, tk);
   const ConvGeometry& g = p.g;
+  p.hopper = hopper;
   ConvCallFlags f;
   f.input_relu = in_scale.has_value();
   require_supported(op, in_scale.has_value() ? ConvKind::kFpropPrologue : ConvKind::kFprop, p.dtype, g, f);

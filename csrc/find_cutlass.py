@@ -6,6 +6,10 @@ any directory holding cutlass/cutlass.h), then the ``nvidia-cutlass`` wheel's bu
 sources (``cutlass_library/source/include``, found without importing the package).
 
     python csrc/find_cutlass.py        # prints the include directory; exit status 1 if none
+    python csrc/find_cutlass.py --util # the CUTLASS 3.x utility headers (tools/util/include)
+
+The Hopper-native kernels (CUTLASS 3.x) also need ``tools/util/include`` of the same tree
+(``cutlass/util/packed_stride.hpp``); the wheel and a checkout both have it.
 
 Install the headers with ``pip install --no-deps nvidia-cutlass==4.2.0.0``.
 """
@@ -41,8 +45,17 @@ def find_cutlass() -> Optional[str]:
     return None
 
 
+def find_cutlass_util(include_dir: Optional[str] = None) -> Optional[str]:
+    """``tools/util/include`` beside the CUTLASS include directory, or None."""
+    include_dir = include_dir or find_cutlass()
+    if include_dir is None:
+        return None
+    cand = os.path.join(os.path.dirname(include_dir), "tools", "util", "include")
+    return os.path.abspath(cand) if os.path.isfile(os.path.join(cand, "cutlass", "util", "packed_stride.hpp")) else None
+
+
 if __name__ == "__main__":
-    path = find_cutlass()
+    path = find_cutlass_util() if sys.argv[1:] == ["--util"] else find_cutlass()
     if path is None:
         sys.stderr.write(
             "CUTLASS headers not found: set CUTLASS_DIR or `pip install --no-deps nvidia-cutlass==4.2.0.0`\n"

@@ -221,3 +221,38 @@ def test_fake_kernels_match_the_reference_shapes_and_strides(layout):
         with pytest.raises(Exception, match="residual must have shape"):
             torch.ops.fusedres_ext.conv_bias_act_cutlass(x, w, None, torch.empty(2, 24, 5, 5, dtype=BF16), None,
                                                          None, [1, 1], [1, 1], [1, 1], True)
+
+
+def test_hopper_request_reaches_the_forward_ops(monkeypatch):
+    """FUSEDRES_CUDA_HOPPER=1 asks the forward ops for the Hopper-native kernel: their schema
+    takes ``hopper`` (default off), the backend's calls pass it, the fakes accept it."""
+    for name in ("conv_bias_act_cutlass", "conv_stats_cutlass"):
+        arg = {a.name: a for a in getattr(torch.ops.fusedres_ext, name).default._schema.arguments}["hopper"]
+        assert str(arg.type) == "bool" and arg.default_value is False
+    for value, want in (("1", True), ("on", True), ("0", False), ("", False)):
+        monkeypatch.setenv("FUSEDRES_CUDA_HOPPER", value)
+        assert _cutlass.hopper_requested() is want
+    monkeypatch.delenv("FUSEDRES_CUDA_HOPPER")
+    assert _cutlass.hopper_requested() is False
+
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, args[-1]))
+
+    monkeypatch.setattr(torch.ops, "fusedres_ext", Recorder())
+    geo = ([1, 1], [1, 1], [1, 1])
+    for value in ("1", "0"):
+        monkeypatch.setenv("FUSEDRES_CUDA_HOPPER", value)
+        _cutlass.conv_bias_act(None, None, None, None, None, None, *geo, True)
+        _cutlass.conv_stats(None, None, None, None, *geo)
+    assert calls == [("conv_bias_act_cutlass", True), ("conv_stats_cutlass", True),
+                     ("conv_bias_act_cutlass", False), ("conv_stats_cutlass", False)]
+    monkeypatch.undo()
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 7, dtype=BF16).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(24, 16, 3, 3, dtype=BF16)
+        y = torch.ops.fusedres_ext.conv_bias_act_cutlass(x, w, None, None, None, None, *geo, True, True)
+        y2, _ = torch.ops.fusedres_ext.conv_stats_cutlass(x, w, None, None, *geo, True)
+        assert y.shape == y2.shape == (2, 24, 9, 7)

@@ -94,6 +94,9 @@ def test_committed_audit_is_clean_and_current():
     convs = [r for r in report["results"] if r["source"].rsplit("/", 1)[-1].startswith("conv_")
              and "cutlass" in r["name"]]
     assert convs and all(r["mma"] in ("mma.sync", "wgmma") for r in convs)
+    # the Hopper-native forward runs warpgroup MMA, with and without the residual source
+    hopper = [r for r in report["results"] if "_sm90" in r["source"]]
+    assert len(hopper) == 2 and all(r["mma"] == "wgmma" for r in hopper), [r["name"] for r in hopper]
 
 
 @pytest.mark.heavy

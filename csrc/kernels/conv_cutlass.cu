@@ -1,5 +1,6 @@
 // Launchers of conv_cutlass.h: the support check, the per-dtype dispatch to the CUTLASS
-// instantiations (conv_*_{f16,bf16}.cu), and the two small hand-written kernels around them:
+// instantiations (conv_*_{f16,bf16}.cu; the Hopper-native forward, conv_fprop_sm90*_bf16.cu,
+// when asked for and on an sm_90 device), and the two small hand-written kernels around them:
 //
 //  - the wgrad split-K reduction: dw = sum of the float32 slices in slice order, rounded once
 //    to the storage type, written KRSC or KCRS;
@@ -49,6 +50,14 @@ bool conv_cutlass_built() {
 #endif
 }
 
+bool conv_sm90_built() {
+#if defined(FUSEDRES_WITH_CUTLASS) && defined(FUSEDRES_WITH_CUTLASS_SM90)
+  return true;
+#else
+  return false;
+#endif
+}
+
 #ifdef FUSEDRES_WITH_CUTLASS
 #define FUSEDRES_STR2(x) #x
 #define FUSEDRES_STR(x) FUSEDRES_STR2(x)
@@ -57,7 +66,11 @@ const char* conv_cutlass_description() {
       CUTLASS_PATCH) " Sm80 tensor-op implicit GEMM: fprop (+bias/residual/ReLU epilogue), grouped fprop (+bias/ReLU), "
                      "fprop and wgrad with "
                      "the BatchNorm+ReLU prologue, dgrad (unity-stride and strided), split-K wgrad; "
-                     "float16/bfloat16 NHWC";
+                     "float16/bfloat16 NHWC"
+#ifdef FUSEDRES_WITH_CUTLASS_SM90
+                     "; Sm90 TMA + wgmma fprop (+bias/residual/ReLU visitor tree), bfloat16, on request"
+#endif
+      ;
 }
 #else
 const char* conv_cutlass_description() { return ""; }
@@ -93,6 +106,23 @@ int grid_for(int64_t work, int threads) {
 bool aligned(const void* q, uintptr_t bytes) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % bytes == 0; }
 
 ConvStatus from_cuda(cudaError_t e) { return e == cudaSuccess ? ConvStatus::kOk : ConvStatus::kLaunchError; }
+
+// The current device is compute capability 9.0, the one the sm_90a code runs on (cached per
+// thread for the last device asked about).
+bool current_device_is_sm90() {
+  thread_local int last_dev = -1;
+  thread_local bool last = false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev != last_dev) {
+    int major = 0, minor = 0;
+    last = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+           minor == 0;
+    last_dev = dev;
+  }
+  return last;
+}
 
 // ------------------------------------------------------------------ wgrad split-K reduction
 
@@ -253,6 +283,13 @@ ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream) {
       !aligned(p.bias, 32) || !aligned(p.bias_storage, 16) || !aligned(p.in_scale, 16) || !aligned(p.in_shift, 16))
     return ConvStatus::kUnsupported;
   const bool bf16 = p.dtype == ConvDtype::kBFloat16;
+#ifdef FUSEDRES_WITH_CUTLASS_SM90
+  if (p.hopper && bf16 && !grouped && !prologue && current_device_is_sm90()) {
+    const ConvStatus st = p.residual != nullptr ? cutlass_conv::fprop_sm90_res_bf16(p, stream, false)
+                                                : cutlass_conv::fprop_sm90_bf16(p, stream, false);
+    if (st != ConvStatus::kUnsupported) return st;  // refused by CUTLASS 3.x: the Sm80 kernel runs it
+  }
+#endif
   if (grouped) return bf16 ? cutlass_conv::fprop_group_bf16(p, stream, false) : cutlass_conv::fprop_group_f16(p, stream, false);
   if (prologue)
     return bf16 ? cutlass_conv::fprop_fused_bf16(p, stream, false) : cutlass_conv::fprop_fused_f16(p, stream, false);
@@ -387,6 +424,32 @@ ConvStatus conv_cutlass_check(ConvKind kind, ConvDtype dtype, const ConvGeometry
       return bf16 ? wgrad_fused_bf16(wp, nullptr, true) : wgrad_fused_f16(wp, nullptr, true);
   }
   return ConvStatus::kUnsupported;
+#endif
+}
+
+ConvStatus conv_cutlass_check_sm90(ConvDtype dtype, const ConvGeometry& g, const ConvCallFlags& flags) {
+#if !defined(FUSEDRES_WITH_CUTLASS) || !defined(FUSEDRES_WITH_CUTLASS_SM90)
+  (void)dtype;
+  (void)g;
+  (void)flags;
+  return ConvStatus::kNotBuilt;
+#else
+  if (conv_cutlass_unsupported(ConvKind::kFprop, dtype, g, flags) != nullptr) return ConvStatus::kUnsupported;
+  if (dtype != ConvDtype::kBFloat16 || g.groups != 1) return ConvStatus::kUnsupported;
+  ConvFpropParams fp;
+  fp.g = g;
+  fp.dtype = dtype;
+  fp.relu = true;
+  fp.hopper = true;
+  // can_implement() looks at the geometry and alignment: any 16-byte aligned address will do
+  alignas(16) static const char dummy[16] = {};
+  fp.x = fp.w = dummy;
+  fp.y = const_cast<char*>(dummy);
+  if (flags.has_residual) {
+    fp.residual = dummy;
+    return cutlass_conv::fprop_sm90_res_bf16(fp, nullptr, true);
+  }
+  return cutlass_conv::fprop_sm90_bf16(fp, nullptr, true);
 #endif
 }
 

@@ -1,5 +1,6 @@
 // Implicit-GEMM convolutions of fusedres on CUTLASS 2.x tensor-core kernels (arch Sm80
-// templates: compiled for sm_80 and sm_90a, they run on Ampere and Hopper). Torch-free:
+// templates: compiled for sm_80 and sm_90a, they run on Ampere and Hopper), and, on request,
+// a Hopper-native forward (CUTLASS 3.x: TMA, wgmma, an epilogue visitor tree). Torch-free:
 // raw device pointers, sizes and a cudaStream_t. NHWC activations, KRSC filters, float16 or
 // bfloat16 storage, float32 accumulation.
 //
@@ -59,8 +60,16 @@ struct ConvFpropParams {
   const void* in_scale = nullptr;  // [C] in the storage dtype: kFpropPrologue iff given
   const void* in_shift = nullptr;  // [C] in the storage dtype
   bool relu = false;
+  // Run the Hopper-native kernel (conv_fprop_sm90.cuh) where it takes the call: an sm_90
+  // device, bfloat16, groups 1, no prologue, and CUTLASS 3.x's can_implement(); otherwise
+  // (and when it is not built) the Sm80 kernel runs. Not yet the default: no GPU has run it.
+  bool hopper = false;
 };
 ConvStatus conv_fprop_cutlass(const ConvFpropParams& p, cudaStream_t stream);
+
+// Whether the Hopper-native forward is compiled in (CUTLASS 3.x headers and their
+// tools/util/include found at build time).
+bool conv_sm90_built();
 
 // dx[n,h,w,c] = sum over (p,q,r,s,k) with h = p*sh - ph + r, w = q*sw - pw + s of
 //               dy[n,p,q,k] * w[k,r,s,c]   (dilation 1)
@@ -107,6 +116,10 @@ ConvStatus conv_wgrad_cutlass(const ConvWgradParams& p, cudaStream_t stream);
 // support predicate never admits a shape CUTLASS would refuse.
 ConvStatus conv_cutlass_check(ConvKind kind, ConvDtype dtype, const ConvGeometry& g, const ConvCallFlags& flags,
                               int split_k = 1);
+// The same for the Hopper-native forward (kind kFprop, bfloat16, groups 1): kOk when
+// conv_cutlass_unsupported() accepts the call and CUTLASS 3.x's can_implement() takes it;
+// kUnsupported otherwise (the Sm80 kernel then runs it), kNotBuilt when it is not compiled in.
+ConvStatus conv_cutlass_check_sm90(ConvDtype dtype, const ConvGeometry& g, const ConvCallFlags& flags);
 
 // Per-channel batch statistics of an NHWC tensor y [M, K] (M = N*P*Q), 16-bit storage, K a
 // multiple of 8: partials [1, 3, K] float32 = (count, mean, M2) per channel, the layout of

@@ -1,6 +1,6 @@
 // Internal: the per-dtype CUTLASS instantiations behind the launchers of conv_cutlass.h, one
-// per .cu file (conv_{fprop,fprop_fused,fprop_group,dgrad,dgrad_unity,wgrad,wgrad_fused}_{f16,bf16}.cu) so that a
-// parallel build compiles them side by side. check_only: build the CUTLASS arguments and run
+// per .cu file (conv_{fprop,fprop_fused,fprop_group,dgrad,dgrad_unity,wgrad,wgrad_fused}_{f16,bf16}.cu,
+// conv_fprop_sm90{,_res}_bf16.cu) so that a parallel build compiles them side by side. check_only: build the CUTLASS arguments and run
 // can_implement() on the host, launch nothing (no GPU needed).
 #pragma once
 
@@ -23,6 +23,11 @@ FUSEDRES_CONV_DECLARE(wgrad, ConvWgradParams)
 FUSEDRES_CONV_DECLARE(wgrad_fused, ConvWgradParams)
 
 #undef FUSEDRES_CONV_DECLARE
+
+// kFprop on Hopper (conv_fprop_sm90.cuh, CUTLASS 3.x: TMA + wgmma), bfloat16, groups 1, no
+// prologue: without and with the residual. kUnsupported where CUTLASS 3.x refuses the problem.
+ConvStatus fprop_sm90_bf16(const ConvFpropParams& p, cudaStream_t stream, bool check_only);
+ConvStatus fprop_sm90_res_bf16(const ConvFpropParams& p, cudaStream_t stream, bool check_only);
 
 }  // namespace cutlass_conv
 }  // namespace fusedres

@@ -11,11 +11,16 @@ converted; in_scale/in_shift/bias: [C]/[K] vectors in any float dtype; groups ar
 the weight's shape as in ``torch.nn.functional.conv2d``, and only ``conv_bias_act_cutlass`` /
 ``conv_stats_cutlass`` without in_scale and residual take groups > 1, see conv_support.h):
 
-``conv_bias_act_cutlass(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu)``
+``conv_bias_act_cutlass(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu, hopper=False)``
     act(conv(pro(x), weight) + bias + residual), pro(x) = relu(x*in_scale + in_shift) when
     in_scale is given (then no bias); x's layout rule for the output.
-``conv_stats_cutlass(x, weight, in_scale, in_shift, stride, padding, dilation)``
+``conv_stats_cutlass(x, weight, in_scale, in_shift, stride, padding, dilation, hopper=False)``
     (y, partials [1, 3, K] float32 (count, mean, M2) per output channel).
+
+``hopper``: run the convolution on the Hopper-native kernel (CUTLASS 3.x: TMA, wgmma) where
+it takes the call (an sm_90 device, bfloat16, groups 1, no in_scale) and fall back to the Sm80
+kernel elsewhere. The backend passes :func:`hopper_requested` (``FUSEDRES_CUDA_HOPPER=1``);
+off by default until a GPU run has checked it.
 ``conv_dgrad_cutlass(dy, weight, input_shape, stride, padding, dilation, addend)``
     dx (+ addend when given: input_shape, dy's dtype; added to the float32 sum, one
     rounding) in dy's layout rule.
@@ -26,6 +31,7 @@ the weight's shape as in ``torch.nn.functional.conv2d``, and only ``conv_bias_ac
 from __future__ import annotations
 
 import functools
+import os
 from typing import List, Sequence
 
 import torch
@@ -102,7 +108,8 @@ def register_fakes() -> None:
         ]
 
     @torch.library.register_fake("fusedres_ext::conv_bias_act_cutlass")
-    def _conv_bias_act_fake(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu):
+    def _conv_bias_act_fake(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu,
+                            hopper=False):
         shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
         if residual is not None:
             torch._check(
@@ -112,7 +119,7 @@ def register_fakes() -> None:
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_rule(x))
 
     @torch.library.register_fake("fusedres_ext::conv_stats_cutlass")
-    def _conv_stats_fake(x, weight, in_scale, in_shift, stride, padding, dilation):
+    def _conv_stats_fake(x, weight, in_scale, in_shift, stride, padding, dilation, hopper=False):
         shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
         y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_rule(x))
         return y, x.new_empty((1, 3, shape[1]), dtype=torch.float32)
@@ -163,15 +170,22 @@ def wgrad_reason(dy: Tensor, x: Tensor, in_scale, in_relu, weight_shape, stride,
     )
 
 
+def hopper_requested() -> bool:
+    """``FUSEDRES_CUDA_HOPPER=1``: forward convolutions on the Hopper-native kernel where it
+    takes them (read at each call, like ``FUSEDRES_CUDA_PROLOGUE``)."""
+    return os.environ.get("FUSEDRES_CUDA_HOPPER", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def conv_bias_act(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, relu) -> Tensor:
     return torch.ops.fusedres_ext.conv_bias_act_cutlass(
-        x, weight, bias, residual, in_scale, in_shift, list(stride), list(padding), list(dilation), relu
+        x, weight, bias, residual, in_scale, in_shift, list(stride), list(padding), list(dilation), relu,
+        hopper_requested(),
     )
 
 
 def conv_stats(x, weight, in_scale, in_shift, stride, padding, dilation):
     return torch.ops.fusedres_ext.conv_stats_cutlass(
-        x, weight, in_scale, in_shift, list(stride), list(padding), list(dilation)
+        x, weight, in_scale, in_shift, list(stride), list(padding), list(dilation), hopper_requested()
     )
 
 
