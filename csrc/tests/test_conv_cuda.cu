@@ -75,35 +75,40 @@ std::string describe(const ConvGeometry& g) {
 
 // ----------------------------------------------------------------------- host-only part
 
-void test_predicate() {
-  const ConvKind kinds[] = {ConvKind::kFprop, ConvKind::kFpropPrologue, ConvKind::kDgrad, ConvKind::kWgrad,
-                            ConvKind::kWgradPrologue};
-  const ConvDtype dtypes[] = {ConvDtype::kFloat16, ConvDtype::kBFloat16};
-  int accepted = 0, checked = 0;
+// f(g) for every geometry of the host sweep: channels, filter sizes, strides, paddings,
+// dilations and spatial sizes around the ResNet ones
+template <typename F>
+void for_each_sweep_geometry(F&& f) {
   for (int64_t c : {8, 16, 24, 64, 256})
     for (int64_t k : {8, 40, 64, 512})
       for (int64_t rs : {1, 3, 5, 7})
         for (int64_t stride : {1, 2})
           for (int64_t pad : {0, 1, 3})
             for (int64_t dil : {1, 2})
-              for (int64_t hw : {1, 7, 14, 56}) {
-                const ConvGeometry g = geom(3, hw, hw + 2, c, k, rs, rs, pad, stride, dil);
-                for (ConvKind kind : kinds)
-                  for (ConvDtype dt : dtypes) {
-                    ConvCallFlags f;
-                    f.input_relu = kind == ConvKind::kFpropPrologue || kind == ConvKind::kWgradPrologue;
-                    if (conv_cutlass_unsupported(kind, dt, g, f) != nullptr) continue;
-                    ++accepted;
-                    for (int split : {1, conv_wgrad_split_k(g)}) {
-                      if (split > 1 && kind != ConvKind::kWgrad && kind != ConvKind::kWgradPrologue) continue;
-                      ++checked;
-                      const ConvStatus st = conv_cutlass_check(kind, dt, g, f, split);
-                      expect(st == ConvStatus::kOk, "predicate accepts but CUTLASS refuses: kind " +
-                                                        std::to_string(int(kind)) + " split " + std::to_string(split) +
-                                                        " " + describe(g));
-                    }
-                  }
-              }
+              for (int64_t hw : {1, 7, 14, 56}) f(geom(3, hw, hw + 2, c, k, rs, rs, pad, stride, dil));
+}
+
+void test_predicate() {
+  const ConvKind kinds[] = {ConvKind::kFprop, ConvKind::kFpropPrologue, ConvKind::kDgrad, ConvKind::kWgrad,
+                            ConvKind::kWgradPrologue};
+  const ConvDtype dtypes[] = {ConvDtype::kFloat16, ConvDtype::kBFloat16};
+  int accepted = 0, checked = 0;
+  for_each_sweep_geometry([&](const ConvGeometry& g) {
+    for (ConvKind kind : kinds)
+      for (ConvDtype dt : dtypes) {
+        ConvCallFlags f;
+        f.input_relu = kind == ConvKind::kFpropPrologue || kind == ConvKind::kWgradPrologue;
+        if (conv_cutlass_unsupported(kind, dt, g, f) != nullptr) continue;
+        ++accepted;
+        for (int split : {1, conv_wgrad_split_k(g)}) {
+          if (split > 1 && kind != ConvKind::kWgrad && kind != ConvKind::kWgradPrologue) continue;
+          ++checked;
+          const ConvStatus st = conv_cutlass_check(kind, dt, g, f, split);
+          expect(st == ConvStatus::kOk, "predicate accepts but CUTLASS refuses: kind " + std::to_string(int(kind)) +
+                                            " split " + std::to_string(split) + " " + describe(g));
+        }
+      }
+  });
   std::printf("predicate: %d accepted calls, %d checked against can_implement()\n", accepted, checked);
   expect(accepted > 1000, "predicate sweep accepted too few shapes");
 
@@ -192,27 +197,21 @@ void test_sm90_host() {
     return;
   }
   int accepted = 0, taken = 0;
-  for (int64_t c : {8, 16, 24, 64, 256})
-    for (int64_t k : {8, 40, 64, 512})
-      for (int64_t rs : {1, 3, 5, 7})
-        for (int64_t stride : {1, 2})
-          for (int64_t pad : {0, 1, 3})
-            for (int64_t dil : {1, 2})
-              for (int64_t hw : {1, 7, 14, 56})
-                for (bool residual : {false, true}) {
-                  const ConvGeometry g = geom(3, hw, hw + 2, c, k, rs, rs, pad, stride, dil);
-                  ConvCallFlags f;
-                  f.has_bias = true;
-                  f.has_residual = residual;
-                  if (conv_cutlass_unsupported(ConvKind::kFprop, ConvDtype::kBFloat16, g, f) != nullptr) continue;
-                  ++accepted;
-                  const ConvStatus st = conv_cutlass_check_sm90(ConvDtype::kBFloat16, g, f);
-                  expect(st == ConvStatus::kOk || st == ConvStatus::kUnsupported, "sm90 check status " + describe(g));
-                  taken += st == ConvStatus::kOk;
-                  // a call the predicate refuses is refused here too
-                  expect(conv_cutlass_check_sm90(ConvDtype::kFloat16, g, f) == ConvStatus::kUnsupported,
-                         "sm90 takes float16 " + describe(g));
-                }
+  for_each_sweep_geometry([&](const ConvGeometry& g) {
+    for (bool residual : {false, true}) {
+      ConvCallFlags f;
+      f.has_bias = true;
+      f.has_residual = residual;
+      if (conv_cutlass_unsupported(ConvKind::kFprop, ConvDtype::kBFloat16, g, f) != nullptr) continue;
+      ++accepted;
+      const ConvStatus st = conv_cutlass_check_sm90(ConvDtype::kBFloat16, g, f);
+      expect(st == ConvStatus::kOk || st == ConvStatus::kUnsupported, "sm90 check status " + describe(g));
+      taken += st == ConvStatus::kOk;
+      // the kernel is bfloat16 only: the same call in float16 is refused
+      expect(conv_cutlass_check_sm90(ConvDtype::kFloat16, g, f) == ConvStatus::kUnsupported,
+             "sm90 takes float16 " + describe(g));
+    }
+  });
   std::printf("sm90: CUTLASS 3.x can_implement() takes %d of %d accepted bfloat16 forward calls\n", taken, accepted);
   struct Layer {
     int64_t hw, c, k, rs, stride;
