@@ -353,7 +353,9 @@ def test_cutlass_fallback_shapes_run_the_reference_on_gpu():
                                    rtol=0, atol=0)
 
 
-def test_cutlass_conv_is_cuda_graph_safe():
+@pytest.mark.parametrize("hopper", ["0", "1"], ids=["sm80", "hopper"])
+def test_cutlass_conv_is_cuda_graph_safe(hopper, monkeypatch):
+    monkeypatch.setenv("FUSEDRES_CUDA_HOPPER", hopper)
     be = _cutlass_backend()
     cl = torch.channels_last
     x = torch.randn(4, 64, 14, 14, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
