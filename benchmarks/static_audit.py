@@ -158,6 +158,10 @@ def resnet50_calls(dtype: str, batch: int = 256, subset: bool = False) -> List[L
         conv.conv_wgrad(dy, x, None, None, False, list(w.shape), *geom(2, 3))
         where[0] = "stem eval"
         conv.conv_forward(x, w, vec(64).to(dt), None, None, None, False, *geom(2, 3), True, cl, stats=False)
+        # ReLU backward from the output: pre-activation blocks that end in a ReLU (ResNet-50's
+        # post-activation blocks store it from the last BatchNorm's apply instead)
+        where[0] = "act_grad"
+        bn.act_grad(out, out)
 
         inp, hw = 64, 56
         stages = [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)]
@@ -185,7 +189,9 @@ def resnet50_calls(dtype: str, batch: int = 256, subset: bool = False) -> List[L
                 # training backward (fusedres.autograd.PostActBlock.backward)
                 dout = torch.empty_like(out)
                 sg, sgx = bn.bn_backward_reduce(dout, y3, s3[0], s3[1], s3[2], s3[3], out, True, None)
-                dy3 = bn.bn_backward_apply(dout, y3, s3[0], s3[1], s3[2], s3[3], out, True, None, sg, sgx)
+                # an identity shortcut's gradient (dout through the ReLU) is stored by this apply
+                g_res = None if project else torch.empty_like(y3)
+                dy3 = bn.bn_backward_apply(dout, y3, s3[0], s3[1], s3[2], s3[3], out, True, None, sg, sgx, None, g_res)
                 if project:
                     sg, sgx = bn.bn_backward_reduce(dout, yd, sd[0], sd[1], sd[2], sd[3], out, True, None)
                     dyd = bn.bn_backward_apply(dout, yd, sd[0], sd[1], sd[2], sd[3], out, True, None, sg, sgx)
@@ -193,8 +199,7 @@ def resnet50_calls(dtype: str, batch: int = 256, subset: bool = False) -> List[L
                     conv.conv_wgrad(dyd, x, None, None, False, list(wd.shape), *geom(st_, 0))
                     dx_short = conv.conv_dgrad(dyd, wd, list(x.shape), *geom(st_, 0), cl)
                 else:
-                    bn.act_grad(dout, out)
-                    dx_short = dout
+                    dx_short = g_res
                 where[0] = f"{name}.conv3 train"
                 conv.conv_wgrad(dy3, y2, s2[2], s2[3], True, list(w3.shape), *geom(1, 0))
                 d2 = conv.conv_dgrad(dy3, w3, list(y2.shape), *geom(1, 0), cl)

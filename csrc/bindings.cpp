@@ -129,10 +129,11 @@ at::Tensor bn_apply_cpu(const BnBackwardPrepared& p, const BnBackwardParams<S>& 
   auto dy = at::empty(p.y.sizes(), p.y.options().memory_format(layout_of(p.y)));
   const T *d = cptr<T>(p.dout), *yp = cptr<T>(p.y), *o = cptr<T>(p.out), *ad = cptr<T>(p.addend);
   T* res = static_cast<T*>(dy.mutable_data_ptr());
+  T* gout = p.grad_out.defined() ? static_cast<T*>(p.grad_out.mutable_data_ptr()) : nullptr;
   const int64_t rows = bn_add_act_rows(p.n, p.c, p.hw, p.layout);
   const int64_t row_len = std::max<int64_t>(1, bn_add_act_row_length(p.c, p.hw, p.layout));
   const int64_t grain = std::max<int64_t>(1, 32768 / row_len);
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_backward_apply_cpu<T, S>(d, yp, o, ad, res, k, b, e); });
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bn_backward_apply_cpu<T, S>(d, yp, o, ad, gout, res, k, b, e); });
   return dy;
 }
 
@@ -140,10 +141,12 @@ at::Tensor bn_backward_apply_cpu_op(const at::Tensor& dout, const at::Tensor& y,
                                     const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
                                     const std::optional<at::Tensor>& out, bool relu,
                                     const std::optional<at::Tensor>& sample_scale, const at::Tensor& sum_g,
-                                    const at::Tensor& sum_gx, const std::optional<at::Tensor>& addend) {
+                                    const at::Tensor& sum_gx, const std::optional<at::Tensor>& addend,
+                                    const std::optional<at::Tensor>& grad_out) {
   constexpr const char* op = "fusedres_ext::bn_backward_apply";
   auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
   prepare_addend(op, p, addend, y);
+  prepare_grad_out(op, p, grad_out, y);
   const auto sg = vec_arg(op, "sum_g", sum_g, p.c, y), sgx = vec_arg(op, "sum_gx", sum_gx, p.c, y);
   auto coefs = at::empty({3, p.c}, sg.options());
   at::Tensor dy;
@@ -311,7 +314,8 @@ TORCH_LIBRARY(fusedres_ext, m) {
       "Tensor? out, bool relu, Tensor? sample_scale) -> (Tensor, Tensor)");
   m.def(
       "bn_backward_apply(Tensor dout, Tensor y, Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
-      "Tensor? out, bool relu, Tensor? sample_scale, Tensor sum_g, Tensor sum_gx, Tensor? addend=None) -> Tensor");
+      "Tensor? out, bool relu, Tensor? sample_scale, Tensor sum_g, Tensor sum_gx, Tensor? addend=None, "
+      "Tensor(a!)? grad_out=None) -> Tensor");
   m.def("bn_apply_relu(Tensor dh, Tensor y, Tensor scale, Tensor shift, Tensor coefs) -> Tensor");
   m.def("act_grad(Tensor dout, Tensor out) -> Tensor");
   m.def("relu_(Tensor(a!) x) -> ()");

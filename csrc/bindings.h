@@ -234,7 +234,7 @@ BatchStatsParams<S> params_of(const BatchStatsPrepared& p) {
 }
 
 struct BnBackwardPrepared {
-  at::Tensor dout, y, out, addend, mean, invstd, scale, shift, sample_scale, coefs;
+  at::Tensor dout, y, out, addend, grad_out, mean, invstd, scale, shift, sample_scale, coefs;
   Layout layout;
   int64_t n, c, hw;
 };
@@ -285,6 +285,18 @@ inline void prepare_addend(const char* op, BnBackwardPrepared& p, const std::opt
   check_like(op, "addend", *addend, "y", y);
   p.addend = addend->contiguous(p.layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast
                                                          : at::MemoryFormat::Contiguous);
+}
+
+// bn_backward_apply's grad_out (when given): written in place, so y's shape, dtype and
+// device, and dense in y's layout (as torch.empty_like(y) makes it).
+inline void prepare_grad_out(const char* op, BnBackwardPrepared& p, const std::optional<at::Tensor>& grad_out,
+                             const at::Tensor& y) {
+  if (!grad_out.has_value()) return;
+  check_like(op, "grad_out", *grad_out, "y", y);
+  const auto fmt = p.layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  FUSEDRES_CHECK_ARG(grad_out->is_contiguous(fmt), op, "grad_out", "must be dense in y's memory format (",
+                     fmt, "), got strides ", grad_out->strides());
+  p.grad_out = *grad_out;
 }
 
 // bn_apply_relu (the BatchNorm+ReLU backward's apply from precomputed coefficients, the

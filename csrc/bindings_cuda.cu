@@ -125,11 +125,13 @@ at::Tensor bn_backward_apply_cuda_op(const at::Tensor& dout, const at::Tensor& y
                                      const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
                                      const std::optional<at::Tensor>& out, bool relu,
                                      const std::optional<at::Tensor>& sample_scale, const at::Tensor& sum_g,
-                                     const at::Tensor& sum_gx, const std::optional<at::Tensor>& addend) {
+                                     const at::Tensor& sum_gx, const std::optional<at::Tensor>& addend,
+                                     const std::optional<at::Tensor>& grad_out) {
   constexpr const char* op = "fusedres_ext::bn_backward_apply";
   const c10::cuda::CUDAGuard guard(y.device());
   auto p = prepare_bn_backward(op, dout, y, mean, invstd, scale, shift, out, relu, sample_scale);
   prepare_addend(op, p, addend, y);
+  prepare_grad_out(op, p, grad_out, y);
   const auto sg = vec_arg(op, "sum_g", sum_g, p.c, y), sgx = vec_arg(op, "sum_gx", sum_gx, p.c, y);
   auto dy = at::empty(y.sizes(), y.options().memory_format(layout_of(y)));
   auto coefs = at::empty({3, p.c}, sg.options());
@@ -142,7 +144,8 @@ at::Tensor bn_backward_apply_cuda_op(const at::Tensor& dout, const at::Tensor& y
     err = bn_backward_coefs_cuda<S>(k, sg.data_ptr<S>(), sgx.data_ptr<S>(), coefs.data_ptr<S>(), stream);
     if (err != cudaSuccess) return;
     k.coefs = coefs.data_ptr<S>();
-    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), cptr<T>(p.out), cptr<T>(p.addend),
+    T* gout = p.grad_out.defined() ? static_cast<T*>(p.grad_out.mutable_data_ptr()) : nullptr;
+    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), cptr<T>(p.out), cptr<T>(p.addend), gout,
                                        static_cast<T*>(dy.mutable_data_ptr()), k, stream);
   });
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
@@ -160,7 +163,7 @@ at::Tensor bn_apply_relu_cuda_op(const at::Tensor& dh, const at::Tensor& y, cons
   dispatch_storage<__half, __nv_bfloat16>(y.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::T;
     using S = typename decltype(tag)::S;
-    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), nullptr, nullptr,
+    err = bn_backward_apply_cuda<T, S>(cptr<T>(p.dout), cptr<T>(p.y), nullptr, nullptr, nullptr,
                                        static_cast<T*>(dy.mutable_data_ptr()), params_of<S>(p, true), stream);
   });
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));

@@ -29,10 +29,12 @@ Ops registered by the extension (all tensors on one device; vectors are 1-D):
     sample_scale[n] when given, and xhat = (y - mean)*invstd. dout/out: y's shape and dtype;
     vectors as for bn_add_act.
 
-``torch.ops.fusedres_ext.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None)``
+``torch.ops.fusedres_ext.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None, grad_out=None)``
     -> dy = A*g + B*y + C in y's dtype and layout rule, A = scale, B = -scale*invstd*sum_gx/M,
     C = -A*sum_g/M - B*mean (M = N*H*W), plus addend (y's shape and dtype) where given, added
     in the statistics dtype before the one rounding; as fusedres.reference.bn_backward_apply.
+    grad_out (y's shape and dtype, dense in y's layout rule), where given, is written in
+    place with g before sample_scale.
 
 ``torch.ops.fusedres_ext.bn_apply_relu(dh, y, scale, shift, coefs)``
     -> dy = A*g + B*y + C with g = dh where y*scale + shift > 0 and (A, B, C) the rows of
@@ -187,9 +189,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fusedres_ext::bn_backward_apply")
     def _bn_backward_apply_fake(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx,
-                                addend=None):
+                                addend=None, grad_out=None):
         _check_backward("bn_backward_apply", dout, y, out)
         _check_backward("bn_backward_apply", addend, y, None, "addend")
+        _check_backward("bn_backward_apply", grad_out, y, None, "grad_out")
         return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
 
     @torch.library.register_fake("fusedres_ext::bn_apply_relu")

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops, reference
+from . import backends, ops, reference
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,10 @@ def _sync_sums(sg, sgx, m_local: int, group):
     return buf[:c], buf[c : 2 * c], buf[2 * c]
 
 
-def _bn_back(dout, y, stats, out, relu, sample, backend, group=None, addend=None):
+def _bn_back(dout, y, stats, out, relu, sample, backend, group=None, addend=None, grad_out=None):
     """(dy, dgamma-like sum_gx, dbeta-like sum_g) of one BatchNorm(+ReLU), ``addend`` added to
-    dy where it is written. With a process group the normalisation is over all ranks (the
+    dy where it is written, the masked gradient (before the sample scale) written into
+    ``grad_out`` when given. With a process group the normalisation is over all ranks (the
     input gradient uses the all-reduced sums) while the returned parameter gradients stay
     this rank's (DDP averages them)."""
     mean, invstd, scale, shift = stats
@@ -123,8 +124,12 @@ def _bn_back(dout, y, stats, out, relu, sample, backend, group=None, addend=None
         tg, tgx, m_all = _sync_sums(sg, sgx, m_local, group)
         # bn_backward_apply divides by the local element count: rescale the global sums
         ag, agx = tg * (m_local / m_all), tgx * (m_local / m_all)
-    dy = ops.direct.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, addend,
-                                      backend)
+    if grad_out is None:
+        dy = ops.direct.bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx, addend,
+                                          backend)
+    else:  # the table's private extra, eager only (see PostActBlock.backward)
+        dy = backends.get(backend).bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample, ag, agx,
+                                                     addend, grad_out=grad_out)
     return dy, sgx, sg
 
 
@@ -185,17 +190,25 @@ class PostActBlock(torch.autograd.Function):
         grads = [None] * len(params)
         relu = spec.relu_out
 
-        # Last BatchNorm, the add and the ReLU.
+        # Last BatchNorm, the add and the ReLU. An identity or tensor shortcut's gradient is
+        # dout through the ReLU: the apply computes that mask anyway and stores it (g_res).
+        # grad_out is a private extra of the backend tables (not of the fusedres:: op, whose
+        # in-place optional argument inductor cannot lower): where a compiler traces this
+        # backward, act_grad runs instead.
         grp = spec.group
-        dy, sgx, sg = _bn_back(dout, ys[-1], stats[-1], out, relu, sample, b, grp)
+        g_res = dx_short = None
+        store = (relu and spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR) and type(dout) is torch.Tensor
+                 and not torch.compiler.is_compiling())
+        if store:
+            g_res = torch.empty_like(ys[-1])
+        elif spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR):
+            g_res = ops.direct.act_grad(dout, out, b) if relu else dout
+        dy, sgx, sg = _bn_back(dout, ys[-1], stats[-1], out, relu, sample, b, grp, grad_out=g_res if store else None)
         grads[UNIT * (n - 1) + 1] = _cast(sgx, params[UNIT * (n - 1) + 1])
         grads[UNIT * (n - 1) + 2] = _cast(sg, params[UNIT * (n - 1) + 2])
 
-        # Shortcut branch.
-        g_res = dx_short = None
-        if spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR):
-            g_res = ops.direct.act_grad(dout, out, b) if relu else dout
-        elif spec.shortcut is Shortcut.PROJECT:
+        # Projection shortcut branch.
+        if spec.shortcut is Shortcut.PROJECT:
             k = UNIT * n
             w_ds, gamma_ds, beta_ds = params[k : k + 3]
             dy_ds, sgx_ds, sg_ds = _bn_back(dout, y_ds, ds_stats, out, relu, None, b, grp)

@@ -27,8 +27,9 @@ forward
 backward
   bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_scale)
       -> sum(g), sum(g * xhat)  per channel  (= dbeta, dgamma)
-  bn_backward_apply(... same ..., sum_g, sum_gx, addend) -> dy = A*g + B*y + C (+ addend when
-         given, in the statistics dtype: one rounding)
+  bn_backward_apply(... same ..., sum_g, sum_gx, addend, grad_out) -> dy = A*g + B*y + C
+         (+ addend when given, in the statistics dtype: one rounding); writes g before the
+         sample scale into grad_out when given
   bn_backward_coefs(mean, invstd, scale, sum_g, sum_gx, m) -> [3, C] rows A, B, C
   bn_apply_conv_backward(dh, y, scale, shift, coefs, w, x, in_scale, in_shift, in_relu,
                          geometry, need_dx, need_dw, dx_add)
@@ -223,8 +224,12 @@ def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_sc
 
 
 def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx,
-                      addend=None) -> Tensor:
-    g = _masked_grad(dout, y, scale, shift, out, relu, sample_scale)
+                      addend=None, grad_out=None) -> Tensor:
+    g = _masked_grad(dout, y, scale, shift, out, relu, None)
+    if grad_out is not None:
+        grad_out.copy_(g)  # dout's values or zeros: exact in any storage dtype
+    if sample_scale is not None:
+        g = g * _n(sample_scale)
     m = y.numel() // y.shape[1]
     a = scale
     b = -scale * invstd * sum_gx / m

@@ -411,9 +411,10 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
         tiles = _triton_tiles(cv.m) if backend == "triton" else 1
         b(bn, "bn_backward_reduce", reads, tiles * 2 * cv.k * STAT, 4 * cv.y)
 
-    def apply(cv: Conv, with_out: bool, bn: str):
+    def apply(cv: Conv, with_out: bool, bn: str, grad_out: bool = False):
+        # grad_out: the masked gradient stored too (an identity shortcut's gradient)
         reads = (3 if with_out else 2) * a * cv.y + 6 * STAT * cv.k
-        b(bn, "bn_backward_apply", reads, a * cv.y, 5 * cv.y)
+        b(bn, "bn_backward_apply", reads, (2 if grad_out else 1) * a * cv.y, 5 * cv.y)
 
     def wgrad(cv: Conv, kind: str, extra_read: int, prologue: bool):
         pro = 2 * STAT * cv.c if prologue else 0
@@ -436,9 +437,7 @@ def _fused_chain_train(f: _Emitter, b: _Emitter, ch: Chain, a: int, amp: bool, b
 
     bn_last = f"{ch.name}.bn{n}"
     reduce(last, ch.relu, bn_last)
-    apply(last, ch.relu, bn_last)
-    if ch.shortcut in ("identity", "tensor") and ch.relu:
-        b(ch.name, "act_grad", 2 * a * out, a * out, out)
+    apply(last, ch.relu, bn_last, grad_out=ch.shortcut in ("identity", "tensor") and ch.relu)
     if ch.ds is not None:
         reduce(ch.ds, ch.relu, f"{ch.name}.downsample.1")
         apply(ch.ds, ch.relu, f"{ch.name}.downsample.1")

@@ -253,6 +253,15 @@ def test_bn_backward_reduce_apply_and_act_grad(backend, shape, dtype, layout):
         dyar = R.bn_backward_apply(*args, sgr, sgxr, add)
         close(dya, dyar, dtype, "dy + addend")
         same_layout(dya, dyar, "dy + addend")
+        # storing the masked gradient before the sample scale (a post-activation block's
+        # identity-shortcut gradient): dout's values or zeros, bit for bit the reference's
+        gout, goutr = torch.empty_like(y), torch.empty_like(y)
+        dyg = B.bn_backward_apply(*args, sgr, sgxr, None, gout)
+        R.bn_backward_apply(*args, sgr, sgxr, None, goutr)
+        assert torch.equal(gout, goutr), "grad_out"
+        assert torch.equal(dyg, dy), "dy with grad_out"
+        if o is not None:
+            assert torch.equal(gout, R.act_grad(dout, o)), "grad_out is act_grad's result"
     got, want = B.act_grad(dout, out), R.act_grad(dout, out)
     assert torch.equal(got, want)
 

@@ -170,7 +170,8 @@ def test_training_step_runs_no_eager_pass_in_the_supported_cases(cuda_tables_on_
     assert rec.ext["bn_backward_reduce"] == n_convs
     assert rec.ext["bn_apply_relu"] == inner
     assert rec.ext["bn_backward_apply"] == blocks + projections
-    assert rec.ext["act_grad"] == blocks - projections  # identity shortcuts: the gradient through the ReLU
+    # identity shortcuts: the gradient through the ReLU is stored by the last BatchNorm's apply
+    assert rec.ext["act_grad"] == 0
 
 
 @pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.heavy)])

@@ -730,6 +730,25 @@ def test_bn_backward_apply_errors_name_the_sums():
             ops.bn_backward_apply(**_backward_args(), **sums)
 
 
+def test_bn_backward_apply_addend_and_grad_out_errors_name_the_argument():
+    sums = dict(sum_g=torch.randn(3), sum_gx=torch.randn(3))
+    for over, match in [
+        ({"addend": torch.randn(2, 3, 4, 5)}, r"addend must have the same shape as y"),
+        ({"addend": torch.randn(2, 3, 4, 4).double()}, r"addend must have y's dtype \(Float\), got Double"),
+        ({"grad_out": torch.empty(2, 3, 4, 5)}, r"grad_out must have the same shape as y"),
+        ({"grad_out": torch.empty(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)},
+         r"grad_out must be dense in y's memory format"),
+        ({"grad_out": torch.empty(2, 3, 4, 8)[..., ::2]}, r"grad_out must be dense in y's memory format"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            ops.bn_backward_apply(**_backward_args(), **sums, **over)
+    # and the masked gradient it stores is act_grad's, bit for bit
+    args = _backward_args(out=torch.randn(2, 3, 4, 4))
+    g = torch.empty_like(args["y"])
+    ops.bn_backward_apply(**args, **sums, grad_out=g)
+    assert torch.equal(g, ops.act_grad(args["dout"], args["out"]))
+
+
 def test_bn_apply_relu_errors_name_the_argument():
     y = torch.randn(2, 3, 4, 4)
     good = dict(dh=torch.randn(2, 3, 4, 4), y=y, scale=torch.randn(3), shift=torch.randn(3), coefs=torch.randn(3, 3))

@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
             yield bn._bn_add_act_kernel, dt, dict(HAS_RES=True, DUAL=True, HAS_SAMPLE=True, RELU=True, OUT_CL=True,
                                                   ACC64=a64, FIX_BF16=False, BLOCK=1024)
             yield bn._bn_bwd_apply_kernel, dt, dict(HAS_OUT=True, RELU=True, HAS_SAMPLE=True, HAS_ADD=True,
-                                                    OUT_CL=False, ACC64=a64, FIX_BF16=False, BLOCK=1024)
+                                                    HAS_GOUT=True, OUT_CL=False, ACC64=a64, FIX_BF16=False, BLOCK=1024)
             yield bn._act_grad_kernel, dt, dict(OUT_CL=True, BLOCK=1024)
             yield bn._batch_stats_kernel, dt, dict(ACC64=a64, BLOCK_M=128, BLOCK_C=32)
             yield bn._bn_bwd_reduce_kernel, dt, dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=True, ACC64=a64,

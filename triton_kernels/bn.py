@@ -97,13 +97,13 @@ def _masked_grad(dout, y, scale, shift, out, sample, HAS_OUT: tl.constexpr, RELU
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    dout_ptr, y_ptr, out_ptr, add_ptr, dy_ptr, scale_ptr, shift_ptr, sample_ptr, a_ptr, b_ptr, c_ptr,
+    dout_ptr, y_ptr, out_ptr, add_ptr, gout_ptr, dy_ptr, scale_ptr, shift_ptr, sample_ptr, a_ptr, b_ptr, c_ptr,
     total, C, H, W,
     sdn, sdc, sdh, sdw,
     syn, syc, syh, syw,
     son, soc, soh, sow,
     san, sac, sah, saw,
-    HAS_OUT: tl.constexpr, RELU: tl.constexpr, HAS_SAMPLE: tl.constexpr, HAS_ADD: tl.constexpr,
+    HAS_OUT: tl.constexpr, RELU: tl.constexpr, HAS_SAMPLE: tl.constexpr, HAS_ADD: tl.constexpr, HAS_GOUT: tl.constexpr,
     OUT_CL: tl.constexpr, ACC64: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_t = tl.float64 if ACC64 else tl.float32
@@ -117,10 +117,11 @@ def _bn_bwd_apply_kernel(
         out = tl.load(out_ptr + n * son + c * soc + h * soh + w * sow, mask=mask, other=0.0).to(acc_t)
     scale = tl.load(scale_ptr + c, mask=mask, other=0.0).to(acc_t)
     shift = tl.load(shift_ptr + c, mask=mask, other=0.0).to(acc_t)
-    sample = 1.0
+    g = _masked_grad(dout, y, scale, shift, out, 1.0, HAS_OUT, RELU, False)
+    if HAS_GOUT:  # the masked gradient before the sample scale: dout's values or zeros, exact
+        tl.store(gout_ptr + idx, to_storage(g, gout_ptr.dtype.element_ty, FIX_BF16), mask=mask)
     if HAS_SAMPLE:
-        sample = tl.load(sample_ptr + n, mask=mask, other=0.0).to(acc_t)
-    g = _masked_grad(dout, y, scale, shift, out, sample, HAS_OUT, RELU, HAS_SAMPLE)
+        g = g * tl.load(sample_ptr + n, mask=mask, other=0.0).to(acc_t)
     a = tl.load(a_ptr + c, mask=mask, other=0.0)
     b = tl.load(b_ptr + c, mask=mask, other=0.0)
     cc = tl.load(c_ptr + c, mask=mask, other=0.0)
@@ -409,7 +410,8 @@ def bn_backward_reduce(dout, y, mean, invstd, scale, shift, out, relu, sample_sc
     return part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
 
 
-def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None):
+def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None,
+                      grad_out=None):
     n, c, h, w = y.shape
     dy = _empty_like_layout(y)
     total = dy.numel()
@@ -423,16 +425,24 @@ def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_sca
     cc = -a * sum_g / m - b * mean
     o = out if out is not None else y
     ad = addend if addend is not None else y
+    # grad_out is written at dy's flat index: y's layout (dense, as empty_like(y) makes it)
+    if grad_out is not None and grad_out.stride() != dy.stride():
+        grad_out_dense = torch.empty_like(dy)
+    else:
+        grad_out_dense = grad_out
     blk = _block()
     _config.launch_fixed(
         _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
-        (dout, y, o, ad, dy, scale, shift, sample_scale if sample_scale is not None else scale,
+        (dout, y, o, ad, grad_out_dense if grad_out is not None else dy, dy, scale, shift,
+         sample_scale if sample_scale is not None else scale,
          a.contiguous(), b.contiguous(), cc.contiguous(),
          total, c, h, w, *dout.stride(), *y.stride(), *o.stride(), *ad.stride()),
         dict(HAS_OUT=out is not None, RELU=bool(relu), HAS_SAMPLE=sample_scale is not None,
-             HAS_ADD=addend is not None, OUT_CL=_cl(dy), ACC64=sd == torch.float64, FIX_BF16=_fix_bf16(y.dtype),
-             BLOCK=blk),
+             HAS_ADD=addend is not None, HAS_GOUT=grad_out is not None, OUT_CL=_cl(dy), ACC64=sd == torch.float64,
+             FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
     )
+    if grad_out is not None and grad_out_dense is not grad_out:
+        grad_out.copy_(grad_out_dense)
     return dy
 
 
@@ -449,9 +459,9 @@ def bn_apply_coefs(dh, y, scale, shift, coefs):
     blk = _block()
     _config.launch_fixed(
         _bn_bwd_apply_kernel, (triton.cdiv(total, blk),),
-        (dh, y, y, y, dy, scale, shift, scale, coefs[0], coefs[1], coefs[2],
+        (dh, y, y, y, dy, dy, scale, shift, scale, coefs[0], coefs[1], coefs[2],
          total, c, h, w, *dh.stride(), *y.stride(), *y.stride(), *y.stride()),
-        dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=False, HAS_ADD=False, OUT_CL=_cl(dy),
+        dict(HAS_OUT=False, RELU=True, HAS_SAMPLE=False, HAS_ADD=False, HAS_GOUT=False, OUT_CL=_cl(dy),
              ACC64=coefs.dtype == torch.float64,
              FIX_BF16=_fix_bf16(y.dtype), BLOCK=blk),
     )

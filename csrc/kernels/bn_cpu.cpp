@@ -468,7 +468,7 @@ void bn_backward_coefs_cpu(const BnBackwardParams<S>& p, const S* sum_g, const S
 }
 
 template <typename T, typename S>
-void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* dy,
+void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* grad_out, T* dy,
                            const BnBackwardParams<S>& p, int64_t row_begin, int64_t row_end) {
   const int64_t C = p.c;
   const S* A = p.coefs;
@@ -478,8 +478,8 @@ void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* add
   const T* ad = addend != nullptr ? addend : y;  // read only when addend is given
   with_grad_flags(p.relu, out != nullptr, p.sample_scale != nullptr, [&](auto relu, auto has_out, auto sample) {
     constexpr bool R = decltype(relu)::value, H = decltype(has_out)::value, K = decltype(sample)::value;
-    auto rows = [&](auto has_add) {
-      constexpr bool D = decltype(has_add)::value;
+    auto rows = [&](auto has_add, auto has_gout) {
+      constexpr bool D = decltype(has_add)::value, G = decltype(has_gout)::value;
       if (p.layout == Layout::NHWC) {
         for (int64_t row = row_begin; row < row_end; ++row) {
           const int64_t off = row * C;
@@ -490,7 +490,10 @@ void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* add
           const T* __restrict arow = ad + off;
           T* __restrict res = dy + off;
           for (int64_t ch = 0; ch < C; ++ch) {
-            const S gv = grad_of<R, H, K>(d[ch], yr[ch], orow[ch], p.scale[ch], p.shift[ch], k);
+            // the masked gradient before the sample's scale (grad_of's last step)
+            S gv = grad_of<R, H, false>(d[ch], yr[ch], orow[ch], p.scale[ch], p.shift[ch], k);
+            if constexpr (G) st(grad_out[off + ch], gv);
+            if constexpr (K) gv = gv * k;
             const S v = gv * A[ch] + ld<S>(yr[ch]) * B[ch] + Cc[ch];
             st(res[ch], D ? v + ld<S>(arow[ch]) : v);
           }
@@ -506,17 +509,22 @@ void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* add
           const T* __restrict arow = ad + off;
           T* __restrict res = dy + off;
           for (int64_t i = 0; i < p.hw; ++i) {
-            const S gv = grad_of<R, H, K>(d[i], yr[i], orow[i], scale, shift, k);
+            S gv = grad_of<R, H, false>(d[i], yr[i], orow[i], scale, shift, k);
+            if constexpr (G) st(grad_out[off + i], gv);
+            if constexpr (K) gv = gv * k;
             const S v = gv * a + ld<S>(yr[i]) * b + c;
             st(res[i], D ? v + ld<S>(arow[i]) : v);
           }
         }
       }
     };
-    if (addend != nullptr)
-      rows(std::true_type{});
-    else
-      rows(std::false_type{});
+    using N = std::false_type;
+    using Y = std::true_type;
+    if (grad_out != nullptr) {
+      if (addend != nullptr) rows(Y{}, Y{}); else rows(N{}, Y{});
+    } else {
+      if (addend != nullptr) rows(Y{}, N{}); else rows(N{}, N{});
+    }
   });
 }
 
@@ -568,7 +576,7 @@ void relu_inplace_cpu(T* x, int64_t begin, int64_t end) {
   template void batch_stats_blocks_cpu<T, S>(const T*, const BatchStatsParams<S>&, double*, int64_t, int64_t); \
   template void bn_backward_reduce_blocks_cpu<T, S>(const T*, const T*, const T*, const BnBackwardParams<S>&,  \
                                                     double*, int64_t, int64_t);                              \
-  template void bn_backward_apply_cpu<T, S>(const T*, const T*, const T*, const T*, T*,                     \
+  template void bn_backward_apply_cpu<T, S>(const T*, const T*, const T*, const T*, T*, T*,                 \
                                             const BnBackwardParams<S>&, int64_t, int64_t);                   \
   template void act_grad_cpu<T>(const T*, const T*, T*, int64_t, int64_t);                                 \
   template void relu_inplace_cpu<T>(T*, int64_t, int64_t);

@@ -82,10 +82,11 @@ template <typename S>
 void bn_backward_coefs_cpu(const BnBackwardParams<S>& p, const S* sum_g, const S* sum_gx, S* coefs);
 
 // dy = A*g + B*y + C (+ addend, one rounding) over the rows [row_begin, row_end) of
-// bn_add_act_rows (same row definition as bn_add_act); reads p.coefs. out and addend (y's
-// shape and layout) may be nullptr.
+// bn_add_act_rows (same row definition as bn_add_act); reads p.coefs. grad_out, where given,
+// receives g before the sample scale (dout masked by the ReLU: what act_grad computes when
+// out is given). out, addend and grad_out (y's shape and layout) may be nullptr.
 template <typename T, typename S>
-void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* dy,
+void bn_backward_apply_cpu(const T* dout, const T* y, const T* out, const T* addend, T* grad_out, T* dy,
                            const BnBackwardParams<S>& p, int64_t row_begin, int64_t row_end);
 
 // dx = out <= 0 ? 0 : dout over the flat elements [begin, end) (dout, out, dx in one layout).

@@ -35,13 +35,14 @@ cudaError_t bn_backward_reduce_cuda(const T* dout, const T* y, const T* out, con
                                     void* workspace, cudaStream_t stream);
 
 // bn_backward_apply (bn_backward_cuda.cu): coefs [3, C] from the sums, then dy from
-// p.coefs (= coefs), plus addend (y's shape and layout) rounded once; out and addend may
-// be nullptr.
+// p.coefs (= coefs), plus addend (y's shape and layout) rounded once; grad_out, where given,
+// receives g before the sample scale (as bn_backward_apply_cpu). out, addend and grad_out
+// may be nullptr.
 template <typename S>
 cudaError_t bn_backward_coefs_cuda(const BnBackwardParams<S>& p, const S* sum_g, const S* sum_gx, S* coefs,
                                    cudaStream_t stream);
 template <typename T, typename S>
-cudaError_t bn_backward_apply_cuda(const T* dout, const T* y, const T* out, const T* addend, T* dy,
+cudaError_t bn_backward_apply_cuda(const T* dout, const T* y, const T* out, const T* addend, T* grad_out, T* dy,
                                    const BnBackwardParams<S>& p, cudaStream_t stream);
 
 // act_grad: dx = out <= 0 ? 0 : dout over `total` elements stored in one layout.

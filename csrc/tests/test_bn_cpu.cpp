@@ -298,16 +298,17 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool re
   bn_backward_coefs_cpu<S>(p, sg.data(), sgx.data(), coefs.data());
   p.coefs = coefs.data();
   const int64_t rows = bn_add_act_rows(N, C, HW, layout);
-  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, dy.data(), p, rows / 2, rows);
-  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, dy.data(), p, 0, rows / 2);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, nullptr, dy.data(), p, rows / 2, rows);
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, nullptr, nullptr, dy.data(), p, 0, rows / 2);
   // the same apply plus an addend (a pre-activation block's shortcut gradient)
   auto addd = rng.normal(total);
-  std::vector<T> addend(total), dy_add(total);
+  std::vector<T> addend(total), dy_add(total), g_out(total);
   for (int64_t i = 0; i < total; ++i) addend[i] = to_t<T>(addd[i]);
-  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, addend.data(), dy_add.data(), p, 0, rows);
+  // ... and storing the masked gradient before the sample scale (act_grad's output when out is given)
+  bn_backward_apply_cpu<T, S>(dout.data(), y.data(), o, addend.data(), g_out.data(), dy_add.data(), p, 0, rows);
   Failures f;
   const double tol = sizeof(S) == 4 ? 2e-6 : 1e-12;
-  std::vector<double> gref(total);
+  std::vector<double> gref(total), gmask(total);
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, b = 0, mag_a = 0, mag_b = 0;
     for (int64_t m = 0; m < M; ++m) {
@@ -317,6 +318,7 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool re
         const S z = has_out ? S(to_d(out[i])) : S(to_d(y[i])) * scS[c] + shS[c];
         if (z <= S(0)) gv = 0.0;
       }
+      gmask[i] = gv;
       if (sample) gv *= double(kS[n]);
       gref[i] = gv;
       const double gx = gv * ((to_d(y[i]) - double(muS[c])) * double(ivS[c]));
@@ -340,6 +342,7 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, bool re
       // plus half a float16 subnormal step: tiny results are absolute-rounded there
       const double sub = std::is_same<T, Half>::value ? 3e-8 : 0.0;
       f.check(std::fabs(to_d(dy[i]) - want) <= out_tol * (mag + 1e-30) + sub, "dy", to_d(dy[i]), want);
+      f.check(to_d(g_out[i]) == gmask[i], "grad_out", to_d(g_out[i]), gmask[i]);  // dout or 0: exact
       const double want_add = want + to_d(addend[i]), mag_add = mag + std::fabs(to_d(addend[i]));
       f.check(std::fabs(to_d(dy_add[i]) - want_add) <= out_tol * (mag_add + 1e-30) + sub, "dy + addend",
               to_d(dy_add[i]), want_add);

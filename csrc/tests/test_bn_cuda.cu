@@ -276,7 +276,7 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, int fla
   p.relu = relu;
   // CPU results
   std::vector<S> sg(C), sgx(C), coefs(3 * C);
-  std::vector<H> dy_cpu(total), dx_cpu(total), dy_add_cpu(total);
+  std::vector<H> dy_cpu(total), dx_cpu(total), dy_add_cpu(total), g_cpu(total);
   {
     auto dh = as_host(dout), yh = as_host(y), oh = as_host(out);
     BnBackwardParams<S> q = p;
@@ -289,11 +289,12 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, int fla
     bn_backward_reduce_merge_cpu<S>(q, work.data(), 0, C);
     bn_backward_coefs_cpu<S>(q, sg.data(), sgx.data(), coefs.data());
     q.coefs = coefs.data();
-    bn_backward_apply_cpu<H, S>(dh.data(), yh.data(), has_out ? oh.data() : nullptr, nullptr, dy_cpu.data(), q, 0,
-                                bn_add_act_rows(N, C, HW, layout));
-    // with an addend (out's values): a pre-activation block's shortcut gradient
-    bn_backward_apply_cpu<H, S>(dh.data(), yh.data(), has_out ? oh.data() : nullptr, oh.data(), dy_add_cpu.data(), q,
-                                0, bn_add_act_rows(N, C, HW, layout));
+    const H* o = has_out ? oh.data() : nullptr;
+    const int64_t rows = bn_add_act_rows(N, C, HW, layout);
+    bn_backward_apply_cpu<H, S>(dh.data(), yh.data(), o, nullptr, nullptr, dy_cpu.data(), q, 0, rows);
+    // with an addend (out's values: a pre-activation block's shortcut gradient) and the masked
+    // gradient stored (a post-activation block's identity-shortcut gradient)
+    bn_backward_apply_cpu<H, S>(dh.data(), yh.data(), o, oh.data(), g_cpu.data(), dy_add_cpu.data(), q, 0, rows);
     act_grad_cpu<H>(dh.data(), oh.data(), dx_cpu.data(), 0, total);
   }
   Failures f;
@@ -304,7 +305,7 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, int fla
     const int off = run == 1 ? 1 : 0;
     T *dd_ = upload_at(dout, off), *dy_ = upload_at(y, off), *do_ = upload_at(out, off);
     T *dres = upload_at(std::vector<T>(total), off), *dxg = upload_at(std::vector<T>(total), off);
-    T* dres_add = upload_at(std::vector<T>(total), off);
+    T *dres_add = upload_at(std::vector<T>(total), off), *dg = upload_at(std::vector<T>(total), off);
     S *dmu = upload(muS), *div = upload(ivS), *dsc = upload(scS), *dsh = upload(shS), *dk = upload(kS);
     S *dsg = upload(std::vector<S>(C)), *dsgx = upload(std::vector<S>(C)), *dco = upload(std::vector<S>(3 * C));
     BnBackwardParams<S> q = p;
@@ -321,8 +322,8 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, int fla
     CUDA_OK((bn_backward_reduce_cuda<T, S>(dd_ + off, dy_ + off, o, q, ws, nullptr)));
     CUDA_OK(bn_backward_coefs_cuda<S>(q, dsg, dsgx, dco, nullptr));
     q.coefs = dco;
-    CUDA_OK((bn_backward_apply_cuda<T, S>(dd_ + off, dy_ + off, o, nullptr, dres + off, q, nullptr)));
-    CUDA_OK((bn_backward_apply_cuda<T, S>(dd_ + off, dy_ + off, o, do_ + off, dres_add + off, q, nullptr)));
+    CUDA_OK((bn_backward_apply_cuda<T, S>(dd_ + off, dy_ + off, o, nullptr, nullptr, dres + off, q, nullptr)));
+    CUDA_OK((bn_backward_apply_cuda<T, S>(dd_ + off, dy_ + off, o, do_ + off, dg + off, dres_add + off, q, nullptr)));
     CUDA_OK(act_grad_cuda<T>(dd_ + off, do_ + off, dxg + off, total, nullptr));
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<S> sums = download(dsg, C), sx = download(dsgx, C);
@@ -332,20 +333,22 @@ static int run_backward(int64_t N, int64_t C, int64_t HW, Layout layout, int fla
       f.check(close(sums[C + c], sgx[c], tol * 10), "sum_gx cuda", sums[C + c], sgx[c]);
     }
     const auto dy_gpu = download(dres + off, total), dx_gpu = download(dxg + off, total);
-    const auto dy_add_gpu = download(dres_add + off, total);
+    const auto dy_add_gpu = download(dres_add + off, total), g_gpu = download(dg + off, total);
     for (int64_t i = 0; i < total; ++i) {
       const double a = to_d(dy_gpu[i]), b = to_d(reinterpret_cast<const T*>(dy_cpu.data())[i]);
       f.check(close(a, b, out_tol * 10), "dy cuda", a, b);
       const double aa = to_d(dy_add_gpu[i]), ba = to_d(reinterpret_cast<const T*>(dy_add_cpu.data())[i]);
       f.check(close(aa, ba, out_tol * 10), "dy + addend cuda", aa, ba);
+      f.check(std::memcmp(&g_gpu[i], &g_cpu[i], sizeof(T)) == 0, "grad_out cuda", to_d(g_gpu[i]),
+              to_d(reinterpret_cast<const T*>(g_cpu.data())[i]));
       f.check(std::memcmp(&dx_gpu[i], &dx_cpu[i], sizeof(T)) == 0, "act_grad cuda", to_d(dx_gpu[i]),
               to_d(reinterpret_cast<const T*>(dx_cpu.data())[i]));
     }
     if (run == 0) first = sums;
     else if (std::memcmp(first.data(), sums.data(), sums.size() * sizeof(S)) != 0)
       f.check(false, run == 1 ? "reduce vector vs scalar path bitwise" : "reduce determinism", 0, 0);
-    for (void* q2 : {(void*)dd_, (void*)dy_, (void*)do_, (void*)dres, (void*)dres_add, (void*)dxg, (void*)dmu,
-                     (void*)div, (void*)dsc, (void*)dsh, (void*)dk, (void*)dsg, (void*)dsgx, (void*)dco, ws})
+    for (void* q2 : {(void*)dd_, (void*)dy_, (void*)do_, (void*)dres, (void*)dres_add, (void*)dg, (void*)dxg,
+                     (void*)dmu, (void*)div, (void*)dsc, (void*)dsh, (void*)dk, (void*)dsg, (void*)dsgx, (void*)dco, ws})
       CUDA_OK(cudaFree(q2));
   }
   if (f.count)

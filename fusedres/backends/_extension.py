@@ -82,10 +82,10 @@ class _ExtensionBackend(ReferenceBackend):
 
     @classmethod
     def bn_backward_apply(cls, dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx,
-                          addend=None):
-        args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend)
+                          addend=None, grad_out=None):
+        args = (dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend, grad_out)
         if not (cls._native_backward(dout, y, out, (mean, invstd, scale, shift, sample_scale, sum_g, sum_gx))
-                and (addend is None or addend.dtype == y.dtype)):
+                and all(t is None or t.dtype == y.dtype for t in (addend, grad_out))):
             record_fallback(cls.name, "bn_backward_apply", _BACKWARD_DTYPES)
             return reference.bn_backward_apply(*args)
         return cls._ops().bn_backward_apply(*args)

@@ -119,9 +119,10 @@ class TritonBackend(ReferenceBackend):
                                      _vec(sample_scale))
 
     @staticmethod
-    def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None):
+    def bn_backward_apply(dout, y, mean, invstd, scale, shift, out, relu, sample_scale, sum_g, sum_gx, addend=None,
+                          grad_out=None):
         return bn.bn_backward_apply(dout, y, _vec(mean), _vec(invstd), _vec(scale), _vec(shift), out, relu,
-                                    _vec(sample_scale), sum_g, sum_gx, addend)
+                                    _vec(sample_scale), sum_g, sum_gx, addend, grad_out)
 
     @staticmethod
     def act_grad(dout: Tensor, out: Tensor) -> Tensor:
