@@ -197,8 +197,9 @@ class PostActBlock(torch.autograd.Function):
         # backward, act_grad runs instead.
         grp = spec.group
         g_res = dx_short = None
-        store = (relu and spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR) and type(dout) is torch.Tensor
-                 and not torch.compiler.is_compiling())
+        # (only where dout has y's dtype: the stored gradient has y's, act_grad dout's)
+        store = (relu and spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR) and dout.dtype == ys[-1].dtype
+                 and type(dout) is torch.Tensor and not torch.compiler.is_compiling())
         if store:
             g_res = torch.empty_like(ys[-1])
         elif spec.shortcut in (Shortcut.IDENTITY, Shortcut.TENSOR):
